@@ -1,0 +1,1 @@
+"""GRESO on Ray: the pure core (selection, GRPO maths, rewards, data) and the driver."""

@@ -1,0 +1,128 @@
+"""Dynamic-sampling batches, the staleness rule, the prompt ledger and rollout demand.
+
+Pure Python: the Rewarder actor owns an Accumulator, the PromptSelector actor owns the
+Ledger and asks `rollout_demand` how many prompts the generators should get next.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter, deque
+from typing import Iterable
+
+from pipeline.types import ScoredGroup
+
+
+def staleness(generated_version: int, train_version: int) -> int:
+    """Policy versions between the weights that generated data and the update that uses it."""
+    return train_version - generated_version
+
+
+def is_stale(generated_version: int, train_version: int, max_staleness: int) -> bool:
+    return staleness(generated_version, train_version) > max_staleness
+
+
+class Accumulator:
+    """Collects scored groups into training batches of exactly `batch_size` groups.
+
+    With `post_filter` (dynamic sampling, DAPO) zero-variance groups are dropped on
+    arrival; the survivors wait in arrival order and the surplus beyond a full batch is
+    carried into the next one, never discarded. Probe groups (rolled out only to
+    measure the skip predictor) are never trained on.
+    """
+
+    def __init__(self, batch_size: int, *, post_filter: bool = True):
+        self.batch_size, self.post_filter = batch_size, post_filter
+        self.waiting: deque[ScoredGroup] = deque()
+        self.batches_emitted = 0
+
+    def add(self, g: ScoredGroup) -> str:
+        """Returns the group's fate: 'probed', 'filtered' or 'carried'."""
+        if g.group.probe:
+            return "probed"
+        if self.post_filter and g.zero_variance:
+            return "filtered"
+        self.waiting.append(g)
+        return "carried"
+
+    def drop_stale(self, max_staleness: int) -> list[ScoredGroup]:
+        """Drop waiting groups too old for the next batch (consumed at version = batches emitted)."""
+        train_version = self.batches_emitted
+        stale = [g for g in self.waiting if is_stale(g.group.version, train_version, max_staleness)]
+        if stale:
+            self.waiting = deque(g for g in self.waiting if not is_stale(g.group.version, train_version, max_staleness))
+        return stale
+
+    def pop_batch(self) -> list[ScoredGroup] | None:
+        """The next full batch in arrival order, or None while fewer than batch_size wait."""
+        if len(self.waiting) < self.batch_size:
+            return None
+        self.batches_emitted += 1
+        return [self.waiting.popleft() for _ in range(self.batch_size)]
+
+
+class LedgerError(RuntimeError):
+    """A ticket moved in a way the pipeline should never produce (lost or duplicated work)."""
+
+
+class Ledger:
+    """Every issued prompt (a ticket) is in exactly one state at any time.
+
+    rollout -> filtered | probed | carried        (after scoring)
+    carried -> queued | dropped_stale             (batch emitted / too old)
+    queued  -> trained | dropped_stale            (learner step)
+    Metrics fold rollout + queued into `in_flight`; probes are outside the ledger's
+    five training fates and reported apart.
+    """
+
+    MOVES = {"rollout": {"filtered", "probed", "carried"}, "carried": {"queued", "dropped_stale"},
+             "queued": {"trained", "dropped_stale"}}
+
+    def __init__(self):
+        self.state: dict[int, str] = {}
+        self.count: Counter = Counter()
+        self.next_ticket = 0
+
+    def issue(self, n: int) -> list[int]:
+        tickets = list(range(self.next_ticket, self.next_ticket + n))
+        self.next_ticket += n
+        for t in tickets:
+            self.state[t] = "rollout"
+        self.count["rollout"] += n
+        self.count["issued"] += n
+        return tickets
+
+    def move(self, tickets: Iterable[int], to: str) -> None:
+        for t in tickets:
+            src = self.state.get(t)
+            if src is None or to not in self.MOVES.get(src, ()):
+                raise LedgerError(f"ticket {t}: illegal move {src} -> {to}")
+            self.count[src] -= 1
+            self.count[to] += 1
+            if to in self.MOVES:
+                self.state[t] = to
+            else:
+                del self.state[t]   # final fates keep only their count
+
+    def metrics(self) -> dict[str, int]:
+        c = self.count
+        return {"ledger/issued": c["issued"] - c["probed"], "ledger/trained": c["trained"],
+                "ledger/filtered": c["filtered"], "ledger/dropped_stale": c["dropped_stale"],
+                "ledger/carried": c["carried"], "ledger/in_flight": c["rollout"] + c["queued"]}
+
+    def state_dict(self) -> dict:
+        return {"state": dict(self.state), "count": dict(self.count), "next_ticket": self.next_ticket}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.state, self.count, self.next_ticket = dict(s["state"]), Counter(s["count"]), s["next_ticket"]
+
+
+def rollout_demand(*, steps_allowed: int, batch_size: int, groups_committed: int,
+                   prompts_in_rollout: int, yield_rate: float) -> int:
+    """Effective groups still missing for every batch the staleness bound lets us prepare.
+
+    steps_allowed: batches that may be generated now (learner version + 1 + max_staleness,
+    capped at total steps); groups_committed: groups already trained, queued or carried;
+    prompts in rollout are expected to yield `yield_rate` effective groups each.
+    """
+    missing = steps_allowed * batch_size - groups_committed - prompts_in_rollout * yield_rate
+    return max(0, math.ceil(missing - 1e-9))

@@ -1,0 +1,267 @@
+"""Structured config: one dataclass per section, merged base.yaml + conf/<NAME>.yaml + CLI.
+
+`load_config(["conf=qwen7b", "train.lr=2e-6"])` returns a validated OmegaConf object or
+raises ConfigError with one line naming the key and why. Nothing heavy is imported
+here (no torch, no ray) so a bad key fails in well under a second.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+SELECTORS = ("greso", "dynamic_sampling", "none")
+ENGINES = ("auto", "vllm", "hf")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot run; the message is one line: `key: why`."""
+
+
+@dataclass
+class RunSection:
+    name: str = "tiny"                 # run name; the run directory defaults to runs/<name>
+    dir: str = ""                      # run directory; "" = runs/<name>
+    seed: int = 0                      # seeds data order, selector RNG, sampling, init
+
+
+@dataclass
+class RaySection:
+    address: str = ""                  # "" = attach to a running cluster if any, else start locally
+    num_cpus: Optional[float] = None   # CPUs for a locally started Ray (None = all)
+    dashboard: bool = True             # start the Ray dashboard with a local Ray
+
+
+@dataclass
+class ModelSection:
+    path: str = "tiny"                 # HF hub name or local dir; "tiny" = the locally built tiny model
+    tokenizer: str = ""                # "" = same as path
+    dtype: str = "float32"             # float32 | bfloat16 (learner compute dtype on GPU)
+
+
+@dataclass
+class TinySection:
+    cache_dir: str = "~/.cache/greso"  # where the tiny world (model, tokenizer, splits) is built once
+    num_train: int = 1024              # training prompts; RL cycles through them for many epochs
+    num_eval: int = 512                # held-out prompts, never trained on
+    warm_target: float = 0.3           # supervised warm start stops at this held-out accuracy
+
+
+@dataclass
+class DataSection:
+    train: str = "tiny"                # parquet (verl layout) / jsonl path / HF dataset name / "tiny"
+    eval: str = ""                     # held-out set path; "" with train=tiny = the tiny held-out split
+    eval_limit: Optional[int] = None   # evaluate on at most this many held-out prompts
+    limit: Optional[int] = None        # use at most this many training rows
+    max_prompt_tokens: int = 1024      # longer prompts are skipped and counted
+    tiny: TinySection = field(default_factory=TinySection)
+
+
+@dataclass
+class SelectorSection:
+    name: str = "greso"                # greso | dynamic_sampling | none
+    alpha: float = 0.25                # target zero-variance ratio (GRESO α)
+    p_easy: float = 0.5                # initial exploration probability for all-correct streaks
+    p_hard: float = 0.5                # initial exploration probability for all-wrong streaks
+    p_step: float = 0.01               # controller step after each training step
+    p_min: float = 0.05                # controller lower bound
+    p_max: float = 0.95                # controller upper bound
+    keep_floor: float = 0.01           # a prompt is kept with probability at least this
+    oversample: float = 1.25           # adaptive size = ceil(k / (1 - zvr) * oversample)
+    num_cpus: float = 1.0              # CPUs reserved for the selector actor
+
+
+@dataclass
+class RolloutSection:
+    engine: str = "hf"                 # auto | vllm | hf
+    num_generators: int = 1            # generator actors, scaled independently of the learner
+    n: int = 8                         # samples per prompt (group size)
+    temperature: float = 1.0           # sampling temperature (behaviour log-probs use the same)
+    top_p: float = 1.0                 # nucleus sampling mass
+    max_new_tokens: int = 2560         # response length cap
+    sampling_batch: int = 384          # prompts per sampling round (fixed for dynamic_sampling; cap for greso)
+    request_size: int = 32             # prompts per request handed to one generator
+    num_cpus: float = 1.0              # per generator actor
+    num_gpus: float = 0.0              # per generator actor
+
+
+@dataclass
+class RewardSection:
+    kind: str = "math"                 # math (math-verify on \boxed{}) | tiny (reversed-sum exact match)
+    timeout_s: float = 5.0             # per-response grading timeout
+    max_chars: int = 10_000            # grade only the last max_chars of a response
+    num_threads: int = 4               # grading threads inside the rewarder
+    num_cpus: float = 1.0              # CPUs reserved for the rewarder actor
+
+
+@dataclass
+class TrainSection:
+    num_workers: int = 1               # Ray Train workers (DDP over gloo on CPU)
+    use_gpu: bool = False              # train on GPUs (FSDP2); False = CPU DDP over gloo
+    cpus_per_worker: float = 1.0       # CPUs reserved per Ray Train worker
+    batch_size: int = 256              # B: effective prompt groups per training step
+    micro_batch_size: int = 64         # samples per forward/backward on one worker
+    ppo_epochs: int = 1                # optimiser steps per batch (>1 exercises the PPO clip)
+    lr: float = 1e-6                   # AdamW learning rate
+    weight_decay: float = 0.0          # AdamW weight decay
+    grad_clip: float = 1.0             # global gradient-norm clip
+    clip_low: float = 0.2              # PPO ε_low
+    clip_high: float = 0.28            # PPO ε_high (DAPO clip-higher)
+    loss_agg: str = "token"            # token (DAPO) | seq
+    adv_norm: str = "std"              # std (GRPO) | mean (Dr.GRPO)
+    kl_coef: float = 0.0               # k3 KL to the initial policy; 0 = none (paper)
+    tis_cap: float = 2.0               # truncated importance weight cap for off-policy data; 0 = off
+
+
+@dataclass
+class PipelineSection:
+    max_staleness: int = 1             # policy versions data may lag the update that uses it
+    prompt_queue_size: int = 8         # requests waiting for a generator
+    rollout_queue_size: int = 16       # generated requests waiting for the rewarder
+    train_queue_size: int = 1          # full batches waiting for the learner
+
+
+@dataclass
+class TrainerSection:
+    total_steps: int = 500             # learner steps (= policy versions published)
+
+
+@dataclass
+class EvalSection:
+    every: int = 25                    # evaluate every this many steps (0 = only at the end)
+
+
+@dataclass
+class Config:
+    conf: str = "tiny"                 # which conf/<NAME>.yaml was merged over base.yaml
+    run: RunSection = field(default_factory=RunSection)
+    ray: RaySection = field(default_factory=RaySection)
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    selector: SelectorSection = field(default_factory=SelectorSection)
+    rollout: RolloutSection = field(default_factory=RolloutSection)
+    reward: RewardSection = field(default_factory=RewardSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    pipeline: PipelineSection = field(default_factory=PipelineSection)
+    trainer: TrainerSection = field(default_factory=TrainerSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+
+
+def load_config(argv: list[str]) -> DictConfig:
+    """Merge schema <- base.yaml <- conf/<NAME>.yaml <- `key=value` overrides, then validate."""
+    overrides = [a for a in argv if not a.startswith("conf=")]
+    names = [a.split("=", 1)[1] for a in argv if a.startswith("conf=")]
+    name = names[-1] if names else "tiny"
+    path = CONF_DIR / f"{name}.yaml"
+    if not path.exists():
+        known = ", ".join(sorted(p.stem for p in CONF_DIR.glob("*.yaml") if p.stem != "base"))
+        raise ConfigError(f"conf: no conf/{name}.yaml (known: {known})")
+    for arg in overrides:
+        if "=" not in arg:
+            raise ConfigError(f"{arg}: expected key=value")
+    schema = OmegaConf.structured(Config)
+    for arg in overrides:
+        _check_key(schema, arg.split("=", 1)[0])
+    try:
+        cfg = OmegaConf.merge(schema, OmegaConf.load(CONF_DIR / "base.yaml"), OmegaConf.load(path),
+                              OmegaConf.from_dotlist(overrides))
+    except OmegaConfBaseException as e:
+        raise ConfigError(_one_line(e)) from None
+    cfg.conf = name
+    validate(cfg)
+    return cfg
+
+
+def _check_key(schema: DictConfig, key: str) -> None:
+    """An override must name an existing key; suggest the closest one if it doesn't."""
+    node, path = schema, []
+    for part in key.split("."):
+        if not isinstance(node, DictConfig) or part not in node:
+            known = list(node.keys()) if isinstance(node, DictConfig) else []
+            near = difflib.get_close_matches(part, known, n=1)
+            hint = f" (did you mean {'.'.join(path + near)}?)" if near else ""
+            raise ConfigError(f"{key}: unknown key{hint}")
+        node, path = node[part], path + [part]
+
+
+def _one_line(e: OmegaConfBaseException) -> str:
+    """OmegaConf errors are multi-line; keep `full_key: first line of the reason`."""
+    key = getattr(e, "full_key", None) or "config"
+    reason = str(e).splitlines()[0].strip()
+    if "not in struct" in reason or "Key '" in reason and "not" in reason:
+        reason = "unknown key"
+    return f"{key}: {reason}"
+
+
+def _check(ok: bool, key: str, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {why}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Reject values that cannot run, before anything heavy starts."""
+    s, r, t = cfg.selector, cfg.rollout, cfg.train
+    _check(s.name in SELECTORS, "selector.name", f"must be one of {SELECTORS}, got {s.name!r}")
+    _check(0 < s.alpha < 1, "selector.alpha", f"must lie in (0, 1), got {s.alpha}")
+    _check(0 < s.p_min <= s.p_max < 1, "selector.p_min", "need 0 < p_min <= p_max < 1")
+    for key in ("p_easy", "p_hard"):
+        _check(s.p_min <= s[key] <= s.p_max, f"selector.{key}", f"must lie in [p_min, p_max], got {s[key]}")
+    _check(0 < s.keep_floor < 1, "selector.keep_floor", "must lie in (0, 1)")
+    _check(s.oversample >= 1, "selector.oversample", "must be >= 1")
+    _check(r.engine in ENGINES, "rollout.engine", f"must be one of {ENGINES}, got {r.engine!r}")
+    _check(r.n >= 2, "rollout.n", f"group size must be >= 2 (GRPO needs a spread), got {r.n}")
+    _check(r.num_generators >= 1, "rollout.num_generators", "must be >= 1")
+    _check(r.temperature > 0, "rollout.temperature", "must be > 0")
+    _check(0 < r.top_p <= 1, "rollout.top_p", "must lie in (0, 1]")
+    _check(r.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
+    _check(r.request_size >= 1, "rollout.request_size", "must be >= 1")
+    _check(r.sampling_batch >= t.batch_size, "rollout.sampling_batch",
+           f"must be >= train.batch_size ({t.batch_size}), got {r.sampling_batch}")
+    _check(cfg.reward.kind in ("math", "tiny"), "reward.kind", "must be math or tiny")
+    _check(cfg.reward.timeout_s > 0, "reward.timeout_s", "must be > 0")
+    _check(t.num_workers >= 1, "train.num_workers", "must be >= 1")
+    _check(t.batch_size >= 1, "train.batch_size", "must be >= 1")
+    _check(t.batch_size % t.num_workers == 0, "train.batch_size",
+           f"{t.batch_size} groups do not divide over train.num_workers={t.num_workers}")
+    _check(t.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
+    _check(t.lr > 0, "train.lr", "must be > 0")
+    _check(t.ppo_epochs >= 1, "train.ppo_epochs", "must be >= 1")
+    _check(0 < t.clip_low < 1 and t.clip_high > 0, "train.clip_low", "need 0 < clip_low < 1, clip_high > 0")
+    _check(t.loss_agg in ("token", "seq"), "train.loss_agg", "must be token or seq")
+    _check(t.adv_norm in ("std", "mean"), "train.adv_norm", "must be std or mean")
+    _check(t.kl_coef >= 0, "train.kl_coef", "must be >= 0")
+    _check(t.tis_cap == 0 or t.tis_cap >= 1, "train.tis_cap", f"must be 0 (off) or >= 1, got {t.tis_cap}")
+    _check(cfg.pipeline.max_staleness >= 0, "pipeline.max_staleness", "must be >= 0")
+    for key in ("prompt_queue_size", "rollout_queue_size", "train_queue_size"):
+        _check(cfg.pipeline[key] >= 1, f"pipeline.{key}", "must be >= 1")
+    _check(cfg.trainer.total_steps >= 1, "trainer.total_steps", "must be >= 1")
+    _check(cfg.eval.every >= 0, "eval.every", "must be >= 0")
+    _check(cfg.model.dtype in ("float32", "bfloat16"), "model.dtype", "must be float32 or bfloat16")
+    _check_data(cfg)
+
+
+def _check_data(cfg: DictConfig) -> None:
+    """Local data files must exist; hub names are resolved later (they need the network)."""
+    tiny = cfg.data.train == "tiny"
+    _check(tiny == (cfg.model.path == "tiny"), "data.train",
+           "the tiny task and the tiny model go together (model.path=tiny <=> data.train=tiny)")
+    _check(not tiny or cfg.reward.kind == "tiny", "reward.kind", "data.train=tiny needs reward.kind=tiny")
+    for key in ("train", "eval"):
+        value = cfg.data[key]
+        if _looks_like_path(value):
+            _check(Path(value).expanduser().exists(), f"data.{key}", f"file not found: {value}")
+    _check(bool(cfg.data.eval) or tiny, "data.eval", "set a held-out eval set (jsonl/parquet path or HF name)")
+
+
+def _looks_like_path(value: str) -> bool:
+    return bool(value) and (value.endswith((".jsonl", ".json", ".parquet")) or "/" in value and
+                            (value.startswith((".", "/", "~")) or Path(value).suffix != ""))
+
+
+def resolved_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg)

@@ -1,0 +1,35 @@
+"""GRESO on Ray: train an LLM reasoner with selective rollouts.
+
+    python run.py                          # conf=tiny: the whole pipeline on a laptop CPU
+    python run.py conf=qwen7b              # the paper's 7B setup on a Ray cluster
+    python run.py selector.name=dynamic_sampling trainer.total_steps=20
+    python run.py conf=qwen7b --cfg        # print the merged config and exit
+"""
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str]) -> int:
+    from pipeline.config import ConfigError, load_config, resolved_yaml
+    if "-h" in argv or "--help" in argv:
+        print(__doc__)
+    args = [a for a in argv if not a.startswith("-")]
+    try:
+        cfg = load_config(args)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    if "--cfg" in argv or "-h" in argv or "--help" in argv:
+        print(resolved_yaml(cfg))
+        return 0
+    import logging
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    from pipeline.driver import run
+    run_dir = run(cfg)
+    print(f"run directory: {run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

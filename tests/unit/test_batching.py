@@ -1,0 +1,118 @@
+"""Dynamic-sampling accumulator, staleness rule, ledger and rollout demand (no Ray)."""
+import random
+
+import pytest
+
+from pipeline.batching import Accumulator, Ledger, LedgerError, is_stale, rollout_demand, staleness
+from pipeline.types import Prompt, RolloutGroup, Sample, ScoredGroup
+
+
+def scored(ticket: int, rewards, version: int = 0, probe: bool = False) -> ScoredGroup:
+    s = Sample((1,), "x", (0.0,), True)
+    return ScoredGroup(RolloutGroup(ticket, Prompt(f"u{ticket}", (1,), "1"), (s,) * len(rewards), version, probe),
+                       tuple(rewards))
+
+
+def test_staleness_rule():
+    assert staleness(3, 5) == 2
+    assert not is_stale(4, 5, 1) and is_stale(3, 5, 1) and not is_stale(5, 5, 0) and is_stale(4, 5, 0)
+
+
+def test_accumulator_never_loses_or_duplicates_a_group():
+    rng = random.Random(0)
+    acc = Accumulator(batch_size=4)
+    fates, emitted = {}, []
+    for t in range(203):
+        g = scored(t, [rng.random() < 0.5 for _ in range(4)])
+        fates[t] = acc.add(g)
+        while (b := acc.pop_batch()) is not None:
+            assert len(b) == 4 and not any(x.zero_variance for x in b)
+            emitted += [x.group.ticket for x in b]
+    waiting = [g.group.ticket for g in acc.waiting]
+    filtered = [t for t, f in fates.items() if f == "filtered"]
+    assert len(emitted) == len(set(emitted))
+    assert sorted(emitted + waiting + filtered) == list(range(203))
+    assert len(waiting) < 4 and filtered
+
+
+def test_accumulator_drops_zero_variance_only_with_post_filter():
+    acc = Accumulator(2)
+    assert [acc.add(scored(0, [1, 1])), acc.add(scored(1, [0, 0])), acc.add(scored(2, [0, 1]))] == \
+        ["filtered", "filtered", "carried"]
+    keep_all = Accumulator(2, post_filter=False)
+    assert keep_all.add(scored(0, [1, 1])) == "carried"
+    assert Accumulator(2).add(scored(9, [0, 1], probe=True)) == "probed"
+
+
+def test_surplus_is_carried_to_next_batch_in_order():
+    acc = Accumulator(3)
+    for t in range(5):
+        acc.add(scored(t, [0, 1]))
+    assert [g.group.ticket for g in acc.pop_batch()] == [0, 1, 2]
+    assert acc.pop_batch() is None and [g.group.ticket for g in acc.waiting] == [3, 4]
+    acc.add(scored(5, [1, 0]))
+    assert [g.group.ticket for g in acc.pop_batch()] == [3, 4, 5]
+
+
+def test_drop_stale_uses_the_version_that_will_consume_the_batch():
+    acc = Accumulator(1)
+    acc.add(scored(0, [0, 1], version=0))
+    acc.pop_batch()                            # batch 1 trains at version 0
+    acc.add(scored(1, [0, 1], version=0))      # would train at version 1: lag 1
+    acc.add(scored(2, [0, 1], version=1))
+    assert acc.drop_stale(max_staleness=1) == []
+    assert [g.group.ticket for g in acc.drop_stale(max_staleness=0)] == [1]
+    assert [g.group.ticket for g in acc.waiting] == [2]
+
+
+def test_ledger_accounts_every_ticket_exactly_once():
+    led = Ledger()
+    t = led.issue(10)
+    led.move(t[:3], "filtered")
+    led.move(t[3:8], "carried")
+    led.move(t[3:6], "queued")
+    led.move(t[6:7], "dropped_stale")
+    led.move(t[3:5], "trained")
+    led.move(t[5:6], "dropped_stale")
+    m = led.metrics()
+    assert m == {"ledger/issued": 10, "ledger/trained": 2, "ledger/filtered": 3, "ledger/dropped_stale": 2,
+                 "ledger/carried": 1, "ledger/in_flight": 2}
+    assert m["ledger/issued"] == sum(v for k, v in m.items() if k != "ledger/issued")
+
+
+@pytest.mark.parametrize("src,to", [("trained", "trained"), ("rollout", "trained"), ("filtered", "carried")])
+def test_ledger_refuses_illegal_moves(src, to):
+    led = Ledger()
+    t = led.issue(1)
+    path = {"rollout": [], "trained": ["carried", "queued", "trained"], "filtered": ["filtered"]}[src]
+    for state in path:
+        led.move(t, state)
+    with pytest.raises(LedgerError):
+        led.move(t, to)
+    with pytest.raises(LedgerError):
+        led.move([99], "carried")
+
+
+def test_ledger_state_round_trip():
+    led = Ledger()
+    led.move(led.issue(4)[:2], "carried")
+    other = Ledger()
+    other.load_state_dict(led.state_dict())
+    assert other.metrics() == led.metrics() and other.issue(1) == [4]
+
+
+def test_probes_are_reported_apart():
+    led = Ledger()
+    t = led.issue(3)
+    led.move(t[:1], "probed")
+    m = led.metrics()
+    assert m["ledger/issued"] == 2 and m["ledger/in_flight"] == 2
+
+
+@pytest.mark.parametrize("kw,expected", [
+    (dict(steps_allowed=2, batch_size=8, groups_committed=0, prompts_in_rollout=0, yield_rate=1.0), 16),
+    (dict(steps_allowed=2, batch_size=8, groups_committed=8, prompts_in_rollout=4, yield_rate=0.5), 6),
+    (dict(steps_allowed=1, batch_size=8, groups_committed=8, prompts_in_rollout=10, yield_rate=0.5), 0),
+])
+def test_rollout_demand(kw, expected):
+    assert rollout_demand(**kw) == expected
