@@ -1,0 +1,1 @@
+"""Thin actor shells around the pure core; plain classes made remote by the driver."""

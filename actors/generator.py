@@ -1,0 +1,90 @@
+"""Generator: pulls requests, syncs to the newest published weights, samples n per prompt."""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from queue import Empty
+
+import ray
+
+from pipeline.engines.base import SamplingConfig, make_engine
+from pipeline.types import Prompt, Request, RolloutGroup
+
+
+@dataclass(frozen=True)
+class Rollouts:
+    """What one request produced, as it travels to the rewarder (inside an ObjectRef)."""
+
+    groups: tuple[RolloutGroup, ...]
+    gen_seconds: float
+    tokens: int
+
+
+class Generator:
+    def __init__(self, cfg, model_dir: str, tokenizer_dir: str, store, prompt_q=None, rollout_q=None,
+                 index: int = 0, engine=None):
+        import torch
+        torch.set_num_threads(max(1, int(cfg.rollout.num_cpus)))
+        self.cfg, self.store, self.prompt_q, self.rollout_q, self.index = cfg, store, prompt_q, rollout_q, index
+        self.engine = engine or make_engine(cfg.rollout.engine, model_dir, tokenizer_dir, cfg=cfg)
+        self.version, self.requests, self.stopped = 0, 0, False
+        self.lock = threading.Lock()          # one engine: evaluation and rollout take turns
+        self.sync_seconds = 0.0
+
+    def sync_weights(self, min_version: int = 0) -> int:
+        """Load the newest published weights if they are newer than ours."""
+        version, refs = ray.get(self.store.latest.remote())
+        if version > self.version:
+            t0 = time.perf_counter()
+            self.engine.update_weights(ray.get(refs[0]))
+            self.sync_seconds += time.perf_counter() - t0
+            self.version = version
+        if self.version < min_version:
+            raise RuntimeError(f"request needs policy v{min_version}, store has v{version}")
+        return self.version
+
+    def generate(self, req: Request) -> Rollouts:
+        r = self.cfg.rollout
+        sampling = SamplingConfig(n=r.n, temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
+                                  seed=hash((self.cfg.run.seed, self.index, self.requests)) % 2**31)
+        with self.lock:
+            self.sync_weights(req.min_version)
+            t0 = time.perf_counter()
+            out = self.engine.generate([p.token_ids for p in req.prompts], sampling)
+            seconds = time.perf_counter() - t0
+        self.requests += 1
+        probes = req.probe or (False,) * len(req.prompts)
+        groups = tuple(RolloutGroup(t, p, tuple(s), self.version, probe)
+                       for t, p, s, probe in zip(req.tickets, req.prompts, out, probes))
+        tokens = sum(len(s.token_ids) for g in groups for s in g.samples)
+        return Rollouts(groups, seconds, tokens)
+
+    def run(self) -> None:
+        """The generation loop (a long-running actor call): request in, ObjectRef out."""
+        while not self.stopped:
+            try:
+                req = self.prompt_q.get(timeout=0.5)
+            except Empty:
+                continue
+            self.rollout_q.put([ray.put(self.generate(req))])   # a list: Ray would inline a bare ref
+
+    def evaluate(self, prompts: list[Prompt], max_new_tokens: int, weights=None) -> tuple[int, list[str]]:
+        """Greedy responses of policy `weights` = (version, [ref]); None = the weights we hold.
+
+        Loading an older version for evaluation is safe: the next rollout's sync sees
+        the store's newer version and loads it back.
+        """
+        with self.lock:
+            if weights is not None and weights[0] != self.version:
+                self.engine.update_weights(ray.get(weights[1][0]))
+                self.version = weights[0]
+            out = self.engine.generate([p.token_ids for p in prompts],
+                                       SamplingConfig(n=1, temperature=0.0, max_new_tokens=max_new_tokens))
+            return self.version, [o[0].text for o in out]
+
+    def stats(self) -> dict:
+        return {"version": self.version, "requests": self.requests, "sync_seconds": self.sync_seconds}
+
+    def stop(self) -> None:
+        self.stopped = True

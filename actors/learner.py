@@ -1,0 +1,107 @@
+"""Learner: a Ray Train TorchTrainer whose loop pulls train batches from a queue.
+
+Each worker loads the policy, takes its shard of every batch (groups[rank::W]), runs the
+GRPO update from pipeline.policy (DDP over gloo on CPU), and rank 0 publishes the new
+weights (version = steps done) to the WeightStore, settles the ledger with the selector
+and pushes the step's metrics to the driver. The FSDP2 GPU path plugs in at `wrap_model`.
+"""
+from __future__ import annotations
+
+import copy
+import time
+
+import ray
+import torch
+import torch.distributed as dist
+
+from pipeline.batching import is_stale, staleness
+from pipeline.grpo import LossConfig
+from pipeline.policy import collate, grpo_update
+from pipeline.types import TrainBatch
+
+
+class Learner:
+    """One worker's model, optimiser and step logic; no Ray here, so tests build it directly."""
+
+    def __init__(self, cfg, model, *, rank: int = 0, world_size: int = 1, pad_id: int = 0):
+        t = cfg.train
+        self.cfg, self.model, self.rank, self.world_size, self.pad_id = cfg, model, rank, world_size, pad_id
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        self.loss_cfg = LossConfig(clip_low=t.clip_low, clip_high=t.clip_high, agg=t.loss_agg,
+                                   kl_coef=t.kl_coef, tis_cap=t.tis_cap or None)
+        self.ref_model = copy.deepcopy(self.unwrapped()).eval() if t.kl_coef > 0 else None
+        self.version = 0
+
+    def unwrapped(self):
+        return getattr(self.model, "module", self.model)
+
+    def step(self, batch: TrainBatch) -> tuple[dict, list[int], list[int]]:
+        """One learner step; returns (metrics, trained tickets, stale tickets)."""
+        S = self.cfg.pipeline.max_staleness
+        fresh = [g for g in batch.groups if not is_stale(g.group.version, self.version, S)]
+        stale = [g for g in batch.groups if is_stale(g.group.version, self.version, S)]
+        lags = [staleness(g.group.version, self.version) for g in fresh] or [0]
+        shard = collate(fresh[self.rank::self.world_size], self.pad_id, self.cfg.train.adv_norm)
+        mb = self.cfg.train.micro_batch_size
+        num_micro, norm = self._all_reduce(-(-len(shard) // mb),
+                                           float(shard.mask.sum()) if self.loss_cfg.agg == "token" else len(shard))
+        m = grpo_update(self.model, self.optimizer, shard, self.loss_cfg, micro_batch_size=mb,
+                        ppo_epochs=self.cfg.train.ppo_epochs, grad_clip=self.cfg.train.grad_clip,
+                        num_micro=max(num_micro, 1), global_norm=norm or 1.0, world_size=self.world_size,
+                        ref_model=self.ref_model)
+        self.version += 1
+        metrics = {f"train/{k}": v for k, v in m.items()}
+        metrics.update({"train/effective_groups": len(fresh), "train/dropped_stale": len(stale),
+                        "train/response_len_mean": float(shard.response_len.mean()) if len(shard) else 0.0,
+                        "staleness/mean": sum(lags) / len(lags), "staleness/max": max(lags)})
+        return metrics, [g.group.ticket for g in fresh], [g.group.ticket for g in stale]
+
+    def _all_reduce(self, num_micro: int, norm: float) -> tuple[int, float]:
+        """Max micro-batches and total loss denominator across workers."""
+        if self.world_size == 1 or not dist.is_initialized():
+            return num_micro, norm
+        t = torch.tensor([num_micro, norm], dtype=torch.float64)
+        mx, total = t.clone(), t.clone()
+        dist.all_reduce(mx, op=dist.ReduceOp.MAX)
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return int(mx[0]), float(total[1])
+
+    def state_dict_for_publish(self) -> dict:
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.unwrapped().state_dict().items()}
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train entry point: the learner's side of the paper's loop."""
+    from omegaconf import OmegaConf
+    from transformers import AutoModelForCausalLM
+    import ray.train
+    import ray.train.torch
+
+    cfg = OmegaConf.create(config["cfg"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
+    torch.manual_seed(cfg.run.seed)
+    model = AutoModelForCausalLM.from_pretrained(config["model_dir"], dtype=torch.float32)
+    model = ray.train.torch.prepare_model(model)
+    learner = Learner(cfg, model, rank=rank, world_size=world, pad_id=config["pad_id"])
+    store, selector, train_q, metrics_q = (config[k] for k in ("store", "selector", "train_q", "metrics_q"))
+    last = time.perf_counter()
+    for step in range(1, cfg.trainer.total_steps + 1):
+        t0 = time.perf_counter()
+        refs = [train_q.get()[0] if rank == 0 else None]
+        if world > 1:
+            dist.broadcast_object_list(refs, src=0)
+        batch = ray.get(refs[0])
+        t1 = time.perf_counter()
+        metrics, trained, stale = learner.step(batch)
+        t2 = time.perf_counter()
+        if rank == 0:
+            weights = ray.get(store.publish.remote(learner.version, learner.state_dict_for_publish()))
+            snapshot = ray.get(selector.settle.remote(learner.version, trained, stale))
+            now = time.perf_counter()
+            metrics.update({"step": step, "policy_version": learner.version, "time/wait_learner": t1 - t0,
+                            "time/train": t2 - t1, "time/weight_publish": now - t2, "time/step": now - last,
+                            "weights": weights})
+            last = now
+            metrics_q.put({**snapshot, **metrics})

@@ -1,0 +1,102 @@
+"""Rewarder: grades rollouts, feeds results back to the selector, assembles train batches.
+
+Grading runs in a thread pool while the loop keeps draining the rollout queue;
+results are processed in arrival order so batches stay deterministic for a given
+arrival order. Dynamic sampling (drop zero-variance groups, carry the surplus) and
+the staleness rule live in pipeline.batching.Accumulator.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from queue import Empty, Full
+
+import ray
+
+from pipeline.batching import Accumulator
+from pipeline.selection import make_selector
+from pipeline.types import ScoredGroup, TrainBatch
+
+
+def make_scorer(reward_cfg):
+    """reward.kind -> score(response, ground_truth) -> float."""
+    if reward_cfg.kind == "tiny":
+        from pipeline.tiny import tiny_score
+        return tiny_score
+    from pipeline.rewards import Grader
+    return Grader(timeout_s=reward_cfg.timeout_s, max_chars=reward_cfg.max_chars).score
+
+
+class Rewarder:
+    def __init__(self, cfg, selector=None, rollout_q=None, train_q=None):
+        self.cfg, self.selector, self.rollout_q, self.train_q = cfg, selector, rollout_q, train_q
+        self.score = make_scorer(cfg.reward)
+        self.pool = ThreadPoolExecutor(cfg.reward.num_threads)
+        post_filter = make_selector(cfg.selector, batch_size=1, sampling_batch=1).post_filter
+        self.acc = Accumulator(cfg.train.batch_size, post_filter=post_filter)
+        self.stopped = False
+
+    def grade(self, groups) -> list[ScoredGroup]:
+        """Score every sample (runs on a pool thread; requests are graded in parallel)."""
+        return [ScoredGroup(g, tuple(self.score(s.text, g.prompt.ground_truth) for s in g.samples))
+                for g in groups]
+
+    def accuracy(self, texts: list[str], truths: list[str]) -> float:
+        """Mean reward of single responses (greedy evaluation)."""
+        scores = list(self.pool.map(self.score, texts, truths))
+        return sum(scores) / len(scores) if scores else 0.0
+
+    def consume(self, rollouts, scored: list[ScoredGroup]) -> list[TrainBatch]:
+        """Accumulate scored groups and cut every batch that is now full.
+
+        One synchronous report per request tells the selector each group's rewards and
+        fate and each batch's tickets: the ledger must know a batch is queued before the
+        learner can settle it (threaded actors do not order calls, so one call it is).
+        """
+        results = [{"ticket": g.group.ticket, "uid": g.group.prompt.uid, "rewards": g.rewards,
+                    "fate": self.acc.add(g), "response_len": sum(len(s.token_ids) for s in g.group.samples)}
+                   for g in scored]
+        batches, moves = [], []
+        while True:
+            stale = self.acc.drop_stale(self.cfg.pipeline.max_staleness)
+            groups = self.acc.pop_batch()
+            moves.append(([g.group.ticket for g in groups or []], [g.group.ticket for g in stale]))
+            if groups is None:
+                break
+            batches.append(TrainBatch(self.acc.batches_emitted, tuple(groups)))
+        self._call(self.selector.report, results, moves, rollouts.gen_seconds, rollouts.tokens)
+        return batches
+
+    def run(self) -> None:
+        """The rewarder's loop (a long-running actor call)."""
+        pending: deque = deque()
+        while not self.stopped:
+            try:
+                if len(pending) < 2 * self.cfg.reward.num_threads:
+                    rollouts = ray.get(self.rollout_q.get(timeout=0.05)[0])
+                    pending.append((rollouts, self.pool.submit(self.grade, rollouts.groups)))
+            except Empty:
+                pass
+            while pending and pending[0][1].done():
+                rollouts, fut = pending.popleft()
+                for batch in self.consume(rollouts, fut.result()):
+                    self._put_batch(batch)
+            if pending and not pending[0][1].done():
+                time.sleep(0.005)
+
+    def _put_batch(self, batch: TrainBatch) -> None:
+        ref = ray.put(batch)
+        while not self.stopped:      # blocks while the learner is busy: back-pressure
+            try:
+                self.train_q.put([ref], timeout=0.5)
+                return
+            except Full:
+                continue
+
+    def _call(self, method, *args):
+        """Actor handles in Ray (waited for), plain objects in unit tests."""
+        return ray.get(method.remote(*args)) if hasattr(method, "remote") else method(*args)
+
+    def stop(self) -> None:
+        self.stopped = True

@@ -1,0 +1,143 @@
+"""The driver: place the actors, wire the queues, follow the learner, log, evaluate.
+
+It reads like the paper's loop, but each stage is an actor running its own loop:
+  selector --prompt_q--> generators --rollout_q--> rewarder --train_q--> learner
+      ^------------- rewards / ledger -------------'   (weights via WeightStore)
+The driver does no maths: it starts the loops, then for every learner step writes
+one metrics row, evaluates every `eval.every` steps and shows a progress bar.
+"""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import ray
+from omegaconf import OmegaConf
+from ray.util.queue import Queue
+
+from actors.generator import Generator
+from actors.learner import train_loop_per_worker
+from actors.rewarder import Rewarder
+from actors.selector import PromptSelector
+from actors.weights import WeightStore
+from pipeline.metrics import MetricsLog, Progress
+from pipeline.world import World, load_world
+
+
+def run(cfg) -> Path:
+    """Train with cfg; returns the run directory."""
+    run_dir = Path(cfg.run.dir or f"runs/{cfg.run.name}").resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    world = load_world(cfg)
+    started_ray = init_ray(cfg)
+    p = Pipeline(cfg, world, run_dir)
+    try:
+        p.start()
+        with MetricsLog(run_dir / "metrics.jsonl") as log, Progress(cfg.trainer.total_steps) as bar:
+            log.write({"step": 0, "policy_version": 0, **p.evaluate(None)})
+            for step in range(1, cfg.trainer.total_steps + 1):
+                row = p.next_step()
+                last = step == cfg.trainer.total_steps
+                if last or (cfg.eval.every and step % cfg.eval.every == 0):
+                    row.update(p.evaluate(row.pop("weights")))
+                row.pop("weights", None)
+                log.write(row)
+                bar.update(row)
+    finally:
+        p.stop()
+        if started_ray:
+            ray.shutdown()
+    return run_dir
+
+
+def init_ray(cfg) -> bool:
+    """Attach to a running cluster (ray.address or RAY_ADDRESS / `ray start`), else start one."""
+    if ray.is_initialized():
+        return False
+    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}}
+    try:
+        ray.init(address=cfg.ray.address or "auto", runtime_env=env, log_to_driver=True)
+        return True
+    except ConnectionError:
+        if cfg.ray.address:
+            raise
+    ray.init(num_cpus=cfg.ray.num_cpus, runtime_env=env, include_dashboard=cfg.ray.dashboard)
+    return True
+
+
+class Pipeline:
+    """The actors and queues of one run."""
+
+    def __init__(self, cfg, world: World, run_dir: Path):
+        r, pl = cfg.rollout, cfg.pipeline
+        self.cfg, self.world, self.run_dir = cfg, world, run_dir
+        free = {"num_cpus": 0}
+        self.prompt_q = Queue(pl.prompt_queue_size, actor_options=free)
+        self.rollout_q = Queue(pl.rollout_queue_size, actor_options=free)
+        self.train_q = Queue(pl.train_queue_size, actor_options=free)
+        self.metrics_q = Queue(actor_options=free)
+        self.store = ray.remote(WeightStore).options(**free).remote()
+        self.selector = ray.remote(PromptSelector).options(num_cpus=cfg.selector.num_cpus, max_concurrency=4).remote(
+            cfg, world.train, self.prompt_q)
+        self.generators = [ray.remote(Generator).options(num_cpus=r.num_cpus, num_gpus=r.num_gpus, max_concurrency=4)
+                           .remote(cfg, world.model_dir, world.tokenizer_dir, self.store, self.prompt_q,
+                                   self.rollout_q, index=i) for i in range(r.num_generators)]
+        self.rewarder = ray.remote(Rewarder).options(num_cpus=cfg.reward.num_cpus, max_concurrency=4).remote(
+            cfg, self.selector, self.rollout_q, self.train_q)
+        self.trainer = self._trainer()
+        self.loops, self.fit_error = [], None
+
+    def _trainer(self):
+        from ray.train import RunConfig, ScalingConfig
+        from ray.train.torch import TorchTrainer
+        t = self.cfg.train
+        config = {"cfg": OmegaConf.to_container(self.cfg), "model_dir": self.world.model_dir,
+                  "pad_id": self.world.pad_id, "store": self.store, "selector": self.selector,
+                  "train_q": self.train_q, "metrics_q": self.metrics_q}
+        return TorchTrainer(train_loop_per_worker, train_loop_config=config,
+                            scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                                                         resources_per_worker={"CPU": t.cpus_per_worker}),
+                            run_config=RunConfig(name="learner", storage_path=str(self.run_dir / "ray_train")))
+
+    def start(self) -> None:
+        self.loops = [self.selector.run.remote(), self.rewarder.run.remote(),
+                      *[g.run.remote() for g in self.generators]]
+        threading.Thread(target=self._fit, daemon=True).start()
+
+    def _fit(self) -> None:
+        try:
+            self.trainer.fit()
+        except Exception as e:  # surfaced by next_step
+            self.fit_error = e
+
+    def next_step(self) -> dict:
+        """Block until the learner reports its next step; fail loudly if any stage died."""
+        while True:
+            try:
+                return self.metrics_q.get(timeout=1.0)
+            except Exception as e:
+                if not isinstance(e, ray.util.queue.Empty):
+                    raise
+            done, _ = ray.wait(self.loops, num_returns=len(self.loops), timeout=0)
+            for ref in done:
+                ray.get(ref)   # re-raises the stage's error
+            if done:
+                raise RuntimeError("a pipeline stage stopped before training finished")
+            if self.fit_error:
+                raise RuntimeError(f"the learner failed: {self.fit_error}") from self.fit_error
+
+    def evaluate(self, weights) -> dict:
+        """Greedy held-out accuracy of the policy that produced `weights` (None = initial)."""
+        shards = [self.world.eval[i::len(self.generators)] for i in range(len(self.generators))]
+        refs = [g.evaluate.remote(s, self.cfg.rollout.max_new_tokens, weights)
+                for g, s in zip(self.generators, shards) if s]
+        texts = [t for _, ts in ray.get(refs) for t in ts]
+        truths = [p.ground_truth for s in shards for p in s]
+        acc = ray.get(self.rewarder.accuracy.remote(texts, truths))
+        return {"eval/accuracy": acc, "eval/prompts": len(texts)}
+
+    def stop(self) -> None:
+        for a in [self.selector, self.rewarder, *self.generators]:
+            a.stop.remote()
+        ray.wait(self.loops, num_returns=len(self.loops), timeout=10)

@@ -1,0 +1,119 @@
+"""The learner's maths on tensors: collate scored groups, score tokens, one GRPO update.
+
+Pure torch (no Ray): the Ray Train loop in actors/learner.py calls `grpo_update` on each
+worker's shard. Losses are normalised by *global* token (or sequence) counts so that
+DDP's gradient averaging over W workers gives exactly the single-process loss.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.grpo import LossConfig, group_advantages, policy_loss
+from pipeline.types import ScoredGroup
+
+
+@dataclass
+class Batch:
+    """Flattened samples of a shard: one row per response."""
+
+    input_ids: torch.Tensor     # (N, L) prompt + response, right-padded
+    attn: torch.Tensor          # (N, L)
+    mask: torch.Tensor          # (N, L-1) 1 where the target token is a response token
+    behaviour: torch.Tensor     # (N, L-1) generator log-probs aligned with targets
+    advantages: torch.Tensor    # (N,)
+    response_len: torch.Tensor  # (N,)
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def rows(self, sl: slice) -> "Batch":
+        return Batch(*(getattr(self, f)[sl] for f in self.__dataclass_fields__))
+
+
+def collate(groups: list[ScoredGroup], pad_id: int, adv_norm: str = "std") -> Batch:
+    """Groups -> padded tensors; advantages are computed per group (GRPO)."""
+    rows, beh, adv = [], [], []
+    for g in groups:
+        a = group_advantages(torch.tensor([g.rewards], dtype=torch.float32), norm=adv_norm)[0]
+        for s, a_i in zip(g.group.samples, a.tolist()):
+            rows.append((list(g.group.prompt.token_ids), list(s.token_ids)))
+            beh.append(list(s.logprobs))
+            adv.append(a_i)
+    L = max((len(p) + len(r) for p, r in rows), default=1)
+    ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(rows), L), dtype=torch.long)
+    mask = torch.zeros((len(rows), L - 1))
+    behaviour = torch.zeros((len(rows), L - 1))
+    for i, ((p, r), b) in enumerate(zip(rows, beh)):
+        ids[i, :len(p) + len(r)] = torch.tensor(p + r)
+        attn[i, :len(p) + len(r)] = 1
+        # target position t predicts token t+1: response token j sits at len(p)+j, target index len(p)+j-1
+        mask[i, len(p) - 1:len(p) - 1 + len(r)] = 1
+        behaviour[i, len(p) - 1:len(p) - 1 + len(r)] = torch.tensor(b)
+    lens = torch.tensor([len(r) for _, r in rows], dtype=torch.float32)
+    return Batch(ids, attn, mask, behaviour, torch.tensor(adv), lens)
+
+
+def token_logprobs(model, input_ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+    """log p(x_{t+1} | x_<=t) for every position: (N, L) -> (N, L-1)."""
+    logits = model(input_ids=input_ids, attention_mask=attn).logits[:, :-1].float()  # (N, L-1, V)
+    return torch.gather(logits.log_softmax(-1), 2, input_ids[:, 1:, None]).squeeze(2)
+
+
+def grpo_update(model, optimizer, batch: Batch, cfg: LossConfig, *, micro_batch_size: int,
+                ppo_epochs: int = 1, grad_clip: float = 1.0, num_micro: int | None = None,
+                global_norm: float | None = None, world_size: int = 1, ref_model=None) -> dict[str, float]:
+    """`ppo_epochs` optimiser steps over one batch, gradient-accumulated in micro-batches.
+
+    num_micro / global_norm come from an all-reduce across workers (max micro-batches,
+    total tokens or sequences) so every worker runs the same number of backward passes
+    and the loss is normalised as if one process saw the whole batch.
+    """
+    n = len(batch)
+    num_micro = num_micro or max(1, -(-n // micro_batch_size))
+    denom_of = (lambda b: b.mask.sum()) if cfg.agg == "token" else (lambda b: torch.tensor(float(len(b))))
+    global_norm = global_norm or float(denom_of(batch)) or 1.0
+    old = None
+    if ppo_epochs > 1:  # pi_old is the policy before this batch's first step; with one step logp == old
+        with torch.no_grad():
+            old = [token_logprobs(model, batch.input_ids[i:i + micro_batch_size], batch.attn[i:i + micro_batch_size])
+                   for i in range(0, n, micro_batch_size)]
+    metrics: dict[str, float] = {}
+    steps = 0
+    for _ in range(ppo_epochs):
+        optimizer.zero_grad(set_to_none=True)
+        for k in range(num_micro):
+            mb = batch.rows(slice(k * micro_batch_size, (k + 1) * micro_batch_size))
+            sync = k == num_micro - 1
+            with (nullcontext() if sync or not hasattr(model, "no_sync") else model.no_sync()):
+                m = _micro_step(model, mb, cfg, old[k] if old else None, global_norm, world_size, denom_of,
+                                ref_model)
+            steps += bool(m)
+            for key, v in m.items():
+                metrics[key] = metrics.get(key, 0.0) + v
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+    metrics = {k: v / max(steps, 1) for k, v in metrics.items()}
+    metrics["grad_norm"] = float(grad_norm)
+    return metrics
+
+
+def _micro_step(model, mb: Batch, cfg: LossConfig, old, global_norm, world_size, denom_of, ref_model) -> dict:
+    if len(mb) == 0:  # this worker ran out of rows: a zero loss still joins DDP's all-reduce
+        dummy = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
+        dummy.backward()
+        return {}
+    logp = token_logprobs(model, mb.input_ids, mb.attn)
+    old_logp = old if old is not None else logp.detach()
+    ref_logp = None
+    if ref_model is not None:
+        with torch.no_grad():
+            ref_logp = token_logprobs(ref_model, mb.input_ids, mb.attn)
+    loss, m = policy_loss(logp, old_logp, mb.advantages, mb.mask, cfg, behaviour_logp=mb.behaviour,
+                          ref_logp=ref_logp)
+    # the loss is a mean over this micro-batch; rescale to sum / global count, times W for DDP's mean
+    (loss * float(denom_of(mb)) / global_norm * world_size).backward()
+    return {"loss": float(loss.detach()), **m}
