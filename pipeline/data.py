@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from pipeline.rewards import extract_boxed
 from pipeline.types import Prompt
 
 logger = logging.getLogger(__name__)
@@ -174,7 +175,7 @@ def _answer(record: dict, answer_key: str | None) -> Any:
         return reward_model["ground_truth"]
     answer = record.get("answer")
     if (answer is None or str(answer).strip() == "") and isinstance(record.get("solution"), str):
-        return last_boxed(record["solution"])
+        return extract_boxed(record["solution"])
     return answer
 
 
@@ -187,22 +188,6 @@ def clean_answer(answer: Any) -> str:
     if text.startswith("$") and text.endswith("$") and "$" not in inner:
         return inner
     return text
-
-
-def last_boxed(text: str) -> str | None:
-    """Content of the last \\boxed{...} in text (braces balanced), or None."""
-    start = text.rfind("\\boxed{")
-    if start < 0:
-        return None
-    depth, begin = 0, start + len("\\boxed{")
-    for j in range(begin, len(text)):
-        if text[j] == "{":
-            depth += 1
-        elif text[j] == "}":
-            if depth == 0:
-                return text[begin:j]
-            depth -= 1
-    return None
 
 
 # ---------------------------------------------------------------------------- tokenising
