@@ -77,6 +77,15 @@ class SelectorSection:
 
 
 @dataclass
+class VLLMSection:
+    tensor_parallel_size: int = 1      # GPUs per vLLM engine (a placement group per generator when > 1)
+    gpu_memory_utilization: float = 0.85  # share of GPU memory vLLM may take (weights + KV cache)
+    enforce_eager: bool = False        # skip CUDA graphs (faster start, slower decode)
+    max_model_len: Optional[int] = None  # None = max_prompt_tokens + max_new_tokens
+    kv_cache_gib: int = 1              # CPU build only: KV cache size (VLLM_CPU_KVCACHE_SPACE)
+
+
+@dataclass
 class RolloutSection:
     engine: str = "hf"                 # auto | vllm | hf
     num_generators: int = 1            # generator actors, scaled independently of the learner
@@ -88,6 +97,7 @@ class RolloutSection:
     request_size: int = 32             # prompts per request handed to one generator
     num_cpus: float = 1.0              # per generator actor
     num_gpus: float = 0.0              # per generator actor
+    vllm: VLLMSection = field(default_factory=VLLMSection)
 
 
 @dataclass
