@@ -86,7 +86,7 @@ class Pipeline:
         self.rewarder = ray.remote(Rewarder).options(num_cpus=cfg.reward.num_cpus, max_concurrency=4).remote(
             cfg, self.selector, self.rollout_q, self.train_q)
         self.trainer = self._trainer()
-        self.loops, self.fit_error = [], None
+        self.loops, self.fit_error, self.fit_thread = [], None, None
 
     def _trainer(self):
         from ray.train import RunConfig, ScalingConfig
@@ -103,7 +103,8 @@ class Pipeline:
     def start(self) -> None:
         self.loops = [self.selector.run.remote(), self.rewarder.run.remote(),
                       *[g.run.remote() for g in self.generators]]
-        threading.Thread(target=self._fit, daemon=True).start()
+        self.fit_thread = threading.Thread(target=self._fit, daemon=True)
+        self.fit_thread.start()
 
     def _fit(self) -> None:
         try:
@@ -141,3 +142,5 @@ class Pipeline:
         for a in [self.selector, self.rewarder, *self.generators]:
             a.stop.remote()
         ray.wait(self.loops, num_returns=len(self.loops), timeout=10)
+        if self.fit_thread and self.fit_error is None:
+            self.fit_thread.join(timeout=60)   # let Ray Train finish before Ray may shut down
