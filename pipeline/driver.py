@@ -44,6 +44,7 @@ def run(cfg) -> Path:
                 row.pop("weights", None)
                 log.write(row)
                 bar.update(row)
+        p.finish()
     finally:
         p.stop()
         if started_ray:
@@ -142,5 +143,7 @@ class Pipeline:
         for a in [self.selector, self.rewarder, *self.generators]:
             a.stop.remote()
         ray.wait(self.loops, num_returns=len(self.loops), timeout=10)
-        if self.fit_thread and self.fit_error is None:
-            self.fit_thread.join(timeout=60)   # let Ray Train finish before Ray may shut down
+
+    def finish(self) -> None:
+        """After the last step: let Ray Train's fit() return before Ray may shut down."""
+        self.fit_thread.join(timeout=60)
