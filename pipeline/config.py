@@ -116,6 +116,9 @@ class TrainSection:
     cpus_per_worker: float = 1.0       # CPUs reserved per Ray Train worker
     batch_size: int = 256              # B: effective prompt groups per training step
     micro_batch_size: int = 64         # samples per forward/backward on one worker
+    micro_batch_tokens: int = 0        # if > 0: cut micro-batches by this token budget instead
+    strategy: str = "auto"             # ddp | fsdp | auto (fsdp with GPUs, ddp over gloo on CPU)
+    gradient_checkpointing: bool = False  # recompute activations in backward (long responses)
     ppo_epochs: int = 1                # optimiser steps per batch (>1 exercises the PPO clip)
     lr: float = 1e-6                   # AdamW learning rate
     weight_decay: float = 0.0          # AdamW weight decay
@@ -239,6 +242,8 @@ def validate(cfg: DictConfig) -> None:
     _check(t.batch_size % t.num_workers == 0, "train.batch_size",
            f"{t.batch_size} groups do not divide over train.num_workers={t.num_workers}")
     _check(t.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
+    _check(t.micro_batch_tokens >= 0, "train.micro_batch_tokens", "must be >= 0 (0 = off)")
+    _check(t.strategy in ("auto", "ddp", "fsdp"), "train.strategy", "must be auto, ddp or fsdp")
     _check(t.lr > 0, "train.lr", "must be > 0")
     _check(t.ppo_epochs >= 1, "train.ppo_epochs", "must be >= 1")
     _check(0 < t.clip_low < 1 and t.clip_high > 0, "train.clip_low", "need 0 < clip_low < 1, clip_high > 0")
