@@ -67,6 +67,22 @@ def init_ray(cfg) -> bool:
     return True
 
 
+def generator_placement(cfg) -> dict:
+    """Actor options for one generator: plain resources, or a placement group when a vLLM
+    engine spans several GPUs (tensor parallel); vLLM's Ray executor then places its
+    workers in the group the actor was scheduled into."""
+    r = cfg.rollout
+    tp = r.vllm.tensor_parallel_size
+    if tp <= 1 or r.num_gpus == 0:
+        return {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus}
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+    pg = placement_group([{"GPU": 1, "CPU": 1}] * tp, strategy="STRICT_PACK")
+    ray.get(pg.ready(), timeout=600)
+    return {"num_cpus": 0, "num_gpus": 0, "scheduling_strategy": PlacementGroupSchedulingStrategy(
+        pg, placement_group_capture_child_tasks=True)}
+
+
 class Pipeline:
     """The actors and queues of one run."""
 
@@ -81,7 +97,7 @@ class Pipeline:
         self.store = ray.remote(WeightStore).options(**free).remote()
         self.selector = ray.remote(PromptSelector).options(num_cpus=cfg.selector.num_cpus, max_concurrency=4).remote(
             cfg, world.train, self.prompt_q)
-        self.generators = [ray.remote(Generator).options(num_cpus=r.num_cpus, num_gpus=r.num_gpus, max_concurrency=4)
+        self.generators = [ray.remote(Generator).options(**generator_placement(cfg), max_concurrency=4)
                            .remote(cfg, world.model_dir, world.tokenizer_dir, self.store, self.prompt_q,
                                    self.rollout_q, index=i) for i in range(r.num_generators)]
         self.rewarder = ray.remote(Rewarder).options(num_cpus=cfg.reward.num_cpus, max_concurrency=4).remote(
