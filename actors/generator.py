@@ -19,6 +19,7 @@ class Rollouts:
     groups: tuple[RolloutGroup, ...]
     gen_seconds: float
     tokens: int
+    sync_seconds: float = 0.0      # weight loading done before this request
 
 
 class Generator:
@@ -30,7 +31,7 @@ class Generator:
         self.engine = engine or make_engine(cfg.rollout.engine, model_dir, tokenizer_dir, cfg=cfg)
         self.version, self.requests, self.stopped = 0, 0, False
         self.lock = threading.Lock()          # one engine: evaluation and rollout take turns
-        self.sync_seconds = 0.0
+        self.sync_seconds, self.syncs = 0.0, 0
 
     def sync_weights(self, min_version: int = 0) -> int:
         """Load the newest published weights if they are newer than ours."""
@@ -40,6 +41,7 @@ class Generator:
             self.engine.update_weights(ray.get(refs[0]))
             self.sync_seconds += time.perf_counter() - t0
             self.version = version
+            self.syncs += 1
         if self.version < min_version:
             raise RuntimeError(f"request needs policy v{min_version}, store has v{version}")
         return self.version
@@ -49,7 +51,9 @@ class Generator:
         sampling = SamplingConfig(n=r.n, temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
                                   seed=hash((self.cfg.run.seed, self.index, self.requests)) % 2**31)
         with self.lock:
+            synced = self.sync_seconds
             self.sync_weights(req.min_version)
+            synced = self.sync_seconds - synced
             t0 = time.perf_counter()
             out = self.engine.generate([p.token_ids for p in req.prompts], sampling)
             seconds = time.perf_counter() - t0
@@ -58,7 +62,7 @@ class Generator:
         groups = tuple(RolloutGroup(t, p, tuple(s), self.version, probe)
                        for t, p, s, probe in zip(req.tickets, req.prompts, out, probes))
         tokens = sum(len(s.token_ids) for g in groups for s in g.samples)
-        return Rollouts(groups, seconds, tokens)
+        return Rollouts(groups, seconds, tokens, synced)
 
     def run(self) -> None:
         """The generation loop (a long-running actor call): request in, ObjectRef out."""
@@ -84,7 +88,8 @@ class Generator:
             return self.version, [o[0].text for o in out]
 
     def stats(self) -> dict:
-        return {"version": self.version, "requests": self.requests, "sync_seconds": self.sync_seconds}
+        return {"version": self.version, "requests": self.requests, "syncs": self.syncs,
+                "sync_seconds": self.sync_seconds}
 
     def stop(self) -> None:
         self.stopped = True

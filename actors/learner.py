@@ -16,7 +16,8 @@ import torch.distributed as dist
 
 from pipeline.batching import is_stale, staleness
 from pipeline.grpo import LossConfig
-from pipeline.policy import collate, grpo_update
+from pipeline.parallel import full_state_dict, resolve_strategy, wrap_model
+from pipeline.policy import collate, grpo_update, micro_batches
 from pipeline.types import TrainBatch
 
 
@@ -42,10 +43,12 @@ class Learner:
         stale = [g for g in batch.groups if is_stale(g.group.version, self.version, S)]
         lags = [staleness(g.group.version, self.version) for g in fresh] or [0]
         shard = collate(fresh[self.rank::self.world_size], self.pad_id, self.cfg.train.adv_norm)
-        mb = self.cfg.train.micro_batch_size
-        num_micro, norm = self._all_reduce(-(-len(shard) // mb),
+        mb, mb_tokens = self.cfg.train.micro_batch_size, self.cfg.train.micro_batch_tokens
+        parts = micro_batches(shard.seq_lens(), max_rows=mb, max_tokens=mb_tokens)
+        num_micro, norm = self._all_reduce(len(parts),
                                            float(shard.mask.sum()) if self.loss_cfg.agg == "token" else len(shard))
         m = grpo_update(self.model, self.optimizer, shard, self.loss_cfg, micro_batch_size=mb,
+                        micro_batch_tokens=mb_tokens,
                         ppo_epochs=self.cfg.train.ppo_epochs, grad_clip=self.cfg.train.grad_clip,
                         num_micro=max(num_micro, 1), global_norm=norm or 1.0, world_size=self.world_size,
                         ref_model=self.ref_model)
@@ -60,14 +63,16 @@ class Learner:
         """Max micro-batches and total loss denominator across workers."""
         if self.world_size == 1 or not dist.is_initialized():
             return num_micro, norm
-        t = torch.tensor([num_micro, norm], dtype=torch.float64)
+        # on the model's device: NCCL (GPU) reduces only device tensors, gloo takes CPU ones
+        t = torch.tensor([num_micro, norm], dtype=torch.float64, device=next(self.model.parameters()).device)
         mx, total = t.clone(), t.clone()
         dist.all_reduce(mx, op=dist.ReduceOp.MAX)
         dist.all_reduce(total, op=dist.ReduceOp.SUM)
         return int(mx[0]), float(total[1])
 
-    def state_dict_for_publish(self) -> dict:
-        return {k: v.detach().to("cpu", copy=True) for k, v in self.unwrapped().state_dict().items()}
+    def state_dict_for_publish(self) -> dict | None:
+        """Full CPU weights under HF names on rank 0, None elsewhere; every rank must call it (FSDP gathers)."""
+        return full_state_dict(self.model)
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -82,8 +87,11 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
     torch.manual_seed(cfg.run.seed)
+    # fp32 master weights; with model.dtype=bfloat16 FSDP2 computes in bf16 (see pipeline/parallel.py)
     model = AutoModelForCausalLM.from_pretrained(config["model_dir"], dtype=torch.float32)
-    model = ray.train.torch.prepare_model(model)
+    model = wrap_model(model, strategy=resolve_strategy(cfg.train.strategy, cfg.train.use_gpu),
+                       device=ray.train.torch.get_device(), dtype=cfg.model.dtype,
+                       gradient_checkpointing=cfg.train.gradient_checkpointing, world_size=world)
     learner = Learner(cfg, model, rank=rank, world_size=world, pad_id=config["pad_id"])
     store, selector, train_q, metrics_q = (config[k] for k in ("store", "selector", "train_q", "metrics_q"))
     last = time.perf_counter()
@@ -96,8 +104,9 @@ def train_loop_per_worker(config: dict) -> None:
         t1 = time.perf_counter()
         metrics, trained, stale = learner.step(batch)
         t2 = time.perf_counter()
+        state = learner.state_dict_for_publish()  # a collective under FSDP: every rank gathers
         if rank == 0:
-            weights = ray.get(store.publish.remote(learner.version, learner.state_dict_for_publish()))
+            weights = ray.get(store.publish.remote(learner.version, state))
             snapshot = ray.get(selector.settle.remote(learner.version, trained, stale))
             now = time.perf_counter()
             metrics.update({"step": step, "policy_version": learner.version, "time/wait_learner": t1 - t0,

@@ -65,7 +65,8 @@ class Rewarder:
             if groups is None:
                 break
             batches.append(TrainBatch(self.acc.batches_emitted, tuple(groups)))
-        self._call(self.selector.report, results, moves, rollouts.gen_seconds, rollouts.tokens)
+        self._call(self.selector.report, results, moves, rollouts.gen_seconds, rollouts.tokens,
+                   rollouts.sync_seconds)
         return batches
 
     def run(self) -> None:

@@ -81,7 +81,7 @@ class PromptSelector:
 
     # --- feedback ----------------------------------------------------------
     def report(self, results: list[dict], batches: list[tuple[list[int], list[int]]],
-               gen_seconds: float = 0.0, tokens: int = 0) -> None:
+               gen_seconds: float = 0.0, tokens: int = 0, sync_seconds: float = 0.0) -> None:
         """From the rewarder, per request: one dict per group {ticket, uid, rewards, fate,
         response_len}, then (queued, dropped-stale) tickets of each batch it cut."""
         with self.lock:
@@ -98,6 +98,7 @@ class PromptSelector:
                 self.ledger.move(stale, "dropped_stale")
                 self.ledger.move(queued, "queued")
             self.window["gen_seconds"] += gen_seconds
+            self.window["sync_seconds"] += sync_seconds
             self.window["tokens"] += tokens
 
     def settle(self, version: int, trained: list[int], stale: list[int]) -> dict:
@@ -121,7 +122,8 @@ class PromptSelector:
                 "rollout/zero_variance_ratio": easy + hard, "rollout/easy_ratio": easy,
                 "rollout/hard_ratio": hard, "rollout/response_len_mean":
                 w["response_len_sum"] / w["samples"] if w["samples"] else 0.0,
-                "time/generate": w["gen_seconds"], "rollout/tokens": w["tokens"],
+                "time/generate": w["gen_seconds"], "time/weight_sync": w["sync_seconds"],
+                "rollout/tokens": w["tokens"],
                 "rollout/tokens_per_s": w["tokens"] / w["gen_seconds"] if w["gen_seconds"] else 0.0,
                 "selector/skipped_easy": w["skipped_easy"], "selector/skipped_hard": w["skipped_hard"],
                 "selector/p_easy": p.get(EASY, 1.0), "selector/p_hard": p.get(HARD, 1.0),

@@ -2,16 +2,16 @@
 
 Pure torch (no Ray): the Ray Train loop in actors/learner.py calls `grpo_update` on each
 worker's shard. Losses are normalised by *global* token (or sequence) counts so that
-DDP's gradient averaging over W workers gives exactly the single-process loss.
+DDP's (or FSDP's) gradient averaging over W workers gives exactly the single-process loss.
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
 from pipeline.grpo import LossConfig, group_advantages, policy_loss
+from pipeline.parallel import no_sync
 from pipeline.types import ScoredGroup
 
 
@@ -29,8 +29,43 @@ class Batch:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
-    def rows(self, sl: slice) -> "Batch":
-        return Batch(*(getattr(self, f)[sl] for f in self.__dataclass_fields__))
+    def rows(self, idx: slice | list[int]) -> "Batch":
+        return Batch(*(getattr(self, f.name)[idx] for f in fields(self)))
+
+    def to(self, device: torch.device) -> "Batch":
+        return Batch(*(getattr(self, f.name).to(device) for f in fields(self)))
+
+    def seq_lens(self) -> list[int]:
+        """Prompt + response tokens of each row (the unpadded length)."""
+        return self.attn.sum(1).tolist()
+
+    def trimmed(self) -> "Batch":
+        """Cut the right padding down to this batch's longest row."""
+        L = min(self.input_ids.shape[1], max(self.seq_lens(), default=0))
+        L = max(L, 2)  # one input and one target at least
+        return Batch(self.input_ids[:, :L], self.attn[:, :L], self.mask[:, :L - 1], self.behaviour[:, :L - 1],
+                     self.advantages, self.response_len)
+
+
+def micro_batches(lengths: list[int], *, max_rows: int, max_tokens: int = 0) -> list[list[int]]:
+    """Row indices of each micro-batch: at most max_rows rows and, if max_tokens > 0, at most
+    max_tokens padded tokens (rows x longest row); a row longer than max_tokens goes alone.
+
+    max_tokens == 0 keeps the rows in order, max_rows at a time. Otherwise rows are packed
+    longest first, so each micro-batch holds rows of similar length and little padding.
+    """
+    n = len(lengths)
+    if max_tokens <= 0:
+        return [list(range(i, min(i + max_rows, n))) for i in range(0, n, max_rows)]
+    parts: list[list[int]] = []
+    for i in sorted(range(n), key=lambda j: -lengths[j]):
+        cur = parts[-1] if parts else None
+        # descending order: the micro-batch's first row is its longest, so padded = rows x that length
+        if cur and len(cur) < max_rows and (len(cur) + 1) * lengths[cur[0]] <= max_tokens:
+            cur.append(i)
+        else:
+            parts.append([i])
+    return parts
 
 
 def collate(groups: list[ScoredGroup], pad_id: int, adv_norm: str = "std") -> Batch:
@@ -64,31 +99,33 @@ def token_logprobs(model, input_ids: torch.Tensor, attn: torch.Tensor) -> torch.
 
 
 def grpo_update(model, optimizer, batch: Batch, cfg: LossConfig, *, micro_batch_size: int,
-                ppo_epochs: int = 1, grad_clip: float = 1.0, num_micro: int | None = None,
-                global_norm: float | None = None, world_size: int = 1, ref_model=None) -> dict[str, float]:
+                micro_batch_tokens: int = 0, ppo_epochs: int = 1, grad_clip: float = 1.0,
+                num_micro: int | None = None, global_norm: float | None = None, world_size: int = 1,
+                ref_model=None) -> dict[str, float]:
     """`ppo_epochs` optimiser steps over one batch, gradient-accumulated in micro-batches.
 
-    num_micro / global_norm come from an all-reduce across workers (max micro-batches,
-    total tokens or sequences) so every worker runs the same number of backward passes
-    and the loss is normalised as if one process saw the whole batch.
+    Micro-batches come from `micro_batches` (rows and, if micro_batch_tokens > 0, a padded
+    token budget). num_micro / global_norm come from an all-reduce across workers (max
+    micro-batches, total tokens or sequences) so every worker runs the same number of
+    forward/backward passes and the loss is normalised as if one process saw the whole batch.
     """
-    n = len(batch)
-    num_micro = num_micro or max(1, -(-n // micro_batch_size))
+    batch = batch.to(next(model.parameters()).device)
+    parts = micro_batches(batch.seq_lens(), max_rows=micro_batch_size, max_tokens=micro_batch_tokens)
+    num_micro = num_micro or max(1, len(parts))
+    mbs = [batch.rows(parts[k]).trimmed() if k < len(parts) else batch.rows(slice(0, 0))
+           for k in range(num_micro)]  # ranks with fewer rows run empty micro-batches
     denom_of = (lambda b: b.mask.sum()) if cfg.agg == "token" else (lambda b: torch.tensor(float(len(b))))
     global_norm = global_norm or float(denom_of(batch)) or 1.0
     old = None
     if ppo_epochs > 1:  # pi_old is the policy before this batch's first step; with one step logp == old
-        with torch.no_grad():
-            old = [token_logprobs(model, batch.input_ids[i:i + micro_batch_size], batch.attn[i:i + micro_batch_size])
-                   for i in range(0, n, micro_batch_size)]
+        with torch.no_grad():  # one forward per micro-batch on every rank: FSDP all-gathers in each
+            old = [token_logprobs(model, *_inputs(mb)) for mb in mbs]
     metrics: dict[str, float] = {}
     steps = 0
     for _ in range(ppo_epochs):
         optimizer.zero_grad(set_to_none=True)
-        for k in range(num_micro):
-            mb = batch.rows(slice(k * micro_batch_size, (k + 1) * micro_batch_size))
-            sync = k == num_micro - 1
-            with (nullcontext() if sync or not hasattr(model, "no_sync") else model.no_sync()):
+        for k, mb in enumerate(mbs):
+            with no_sync(model, last=k == num_micro - 1):
                 m = _micro_step(model, mb, cfg, old[k] if old else None, global_norm, world_size, denom_of,
                                 ref_model)
             steps += bool(m)
@@ -101,12 +138,21 @@ def grpo_update(model, optimizer, batch: Batch, cfg: LossConfig, *, micro_batch_
     return metrics
 
 
+def _inputs(mb: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attn) of a micro-batch; an empty one gets a 2-token dummy row to run the model on."""
+    if len(mb):
+        return mb.input_ids, mb.attn
+    ids = torch.zeros((1, 2), dtype=torch.long, device=mb.input_ids.device)
+    return ids, torch.ones_like(ids)
+
+
 def _micro_step(model, mb: Batch, cfg: LossConfig, old, global_norm, world_size, denom_of, ref_model) -> dict:
-    if len(mb) == 0:  # this worker ran out of rows: a zero loss still joins DDP's all-reduce
-        dummy = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
-        dummy.backward()
+    logp = token_logprobs(model, *_inputs(mb))
+    if len(mb) == 0:
+        # this worker ran out of rows: a zero loss through a real forward still joins DDP's
+        # all-reduce and FSDP's all-gathers / reduce-scatters, which every rank must call alike
+        (logp.sum() * 0.0).backward()
         return {}
-    logp = token_logprobs(model, mb.input_ids, mb.attn)
     old_logp = old if old is not None else logp.detach()
     ref_logp = None
     if ref_model is not None:

@@ -19,7 +19,7 @@ class ListQueue(list):
 
 class Rollouts:
     def __init__(self, groups):
-        self.groups, self.gen_seconds, self.tokens = tuple(groups), 0.1, 0
+        self.groups, self.gen_seconds, self.tokens, self.sync_seconds = tuple(groups), 0.1, 0, 0.0
 
 
 def answer(prompt, right: bool) -> Sample:

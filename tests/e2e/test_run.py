@@ -16,7 +16,7 @@ STEP_KEYS = {"step", "policy_version", "time/step", "time/generate", "time/train
              "rollout/easy_ratio", "rollout/hard_ratio", "selector/skipped_easy", "selector/skipped_hard",
              "selector/p_easy", "selector/p_hard", "train/effective_groups", "train/dropped_stale",
              "train/loss", "train/grad_norm", "rollout/total_samples", "staleness/mean", "staleness/max",
-             "rollout/tokens_per_s", "ledger/issued", "ledger/trained", "ledger/filtered",
+             "rollout/tokens_per_s", "time/weight_sync", "ledger/issued", "ledger/trained", "ledger/filtered",
              "ledger/dropped_stale", "ledger/carried", "ledger/in_flight"}
 LEDGER = ["ledger/trained", "ledger/filtered", "ledger/dropped_stale", "ledger/carried", "ledger/in_flight"]
 
