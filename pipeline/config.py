@@ -114,6 +114,7 @@ class TrainSection:
     num_workers: int = 1               # Ray Train workers (DDP over gloo on CPU)
     use_gpu: bool = False              # train on GPUs (FSDP2); False = CPU DDP over gloo
     cpus_per_worker: float = 1.0       # CPUs reserved per Ray Train worker
+    gpus_per_worker: float = 1.0       # GPUs per worker when use_gpu (< 1 shares a GPU with generators)
     batch_size: int = 256              # B: effective prompt groups per training step
     micro_batch_size: int = 64         # samples per forward/backward on one worker
     micro_batch_tokens: int = 0        # if > 0: cut micro-batches by this token budget instead

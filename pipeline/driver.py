@@ -114,7 +114,8 @@ class Pipeline:
                   "train_q": self.train_q, "metrics_q": self.metrics_q}
         return TorchTrainer(train_loop_per_worker, train_loop_config=config,
                             scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
-                                                         resources_per_worker={"CPU": t.cpus_per_worker}),
+                                                         resources_per_worker={"CPU": t.cpus_per_worker, **(
+                                                             {"GPU": t.gpus_per_worker} if t.use_gpu else {})}),
                             run_config=RunConfig(name="learner", storage_path=str(self.run_dir / "ray_train")))
 
     def start(self) -> None:
