@@ -8,6 +8,7 @@ and pushes the step's metrics to the driver. The FSDP2 GPU path plugs in at `wra
 from __future__ import annotations
 
 import copy
+import math
 import time
 
 import ray
@@ -21,6 +22,13 @@ from pipeline.policy import collate, grpo_update, micro_batches
 from pipeline.types import TrainBatch
 
 
+def lr_factor(step: int, total: int, schedule: str, min_ratio: float) -> float:
+    """constant, or cosine decay from 1 to min_ratio over the run (a calmer end for the final policy)."""
+    if schedule == "constant" or total <= 1:
+        return 1.0
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+
+
 class Learner:
     """One worker's model, optimiser and step logic; no Ray here, so tests build it directly."""
 
@@ -28,6 +36,9 @@ class Learner:
         t = cfg.train
         self.cfg, self.model, self.rank, self.world_size, self.pad_id = cfg, model, rank, world_size, pad_id
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_factor(step, cfg.trainer.total_steps, t.lr_schedule,
+                                                   t.lr_min_ratio))
         self.loss_cfg = LossConfig(clip_low=t.clip_low, clip_high=t.clip_high, agg=t.loss_agg,
                                    kl_coef=t.kl_coef, tis_cap=t.tis_cap or None)
         self.ref_model = copy.deepcopy(self.unwrapped()).eval() if t.kl_coef > 0 else None
@@ -54,6 +65,8 @@ class Learner:
                         ref_model=self.ref_model)
         self.version += 1
         metrics = {f"train/{k}": v for k, v in m.items()}
+        metrics["train/lr"] = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()          # once per batch: the lr is constant across its ppo_epochs
         metrics.update({"train/effective_groups": len(fresh), "train/dropped_stale": len(stale),
                         "train/response_len_mean": float(shard.response_len.mean()) if len(shard) else 0.0,
                         "staleness/mean": sum(lags) / len(lags), "staleness/max": max(lags)})

@@ -122,6 +122,8 @@ class TrainSection:
     gradient_checkpointing: bool = False  # recompute activations in backward (long responses)
     ppo_epochs: int = 1                # optimiser steps per batch (>1 exercises the PPO clip)
     lr: float = 1e-6                   # AdamW learning rate
+    lr_schedule: str = "constant"      # constant | cosine (decay to lr * lr_min_ratio by the last step)
+    lr_min_ratio: float = 0.1          # cosine floor, as a fraction of lr
     weight_decay: float = 0.0          # AdamW weight decay
     grad_clip: float = 1.0             # global gradient-norm clip
     clip_low: float = 0.2              # PPO ε_low
@@ -246,6 +248,8 @@ def validate(cfg: DictConfig) -> None:
     _check(t.micro_batch_tokens >= 0, "train.micro_batch_tokens", "must be >= 0 (0 = off)")
     _check(t.strategy in ("auto", "ddp", "fsdp"), "train.strategy", "must be auto, ddp or fsdp")
     _check(t.lr > 0, "train.lr", "must be > 0")
+    _check(t.lr_schedule in ("constant", "cosine"), "train.lr_schedule", "must be constant or cosine")
+    _check(0 <= t.lr_min_ratio <= 1, "train.lr_min_ratio", "must lie in [0, 1]")
     _check(t.ppo_epochs >= 1, "train.ppo_epochs", "must be >= 1")
     _check(0 < t.clip_low < 1 and t.clip_high > 0, "train.clip_low", "need 0 < clip_low < 1, clip_high > 0")
     _check(t.loss_agg in ("token", "seq"), "train.loss_agg", "must be token or seq")
