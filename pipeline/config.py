@@ -83,6 +83,7 @@ class VLLMSection:
     enforce_eager: bool = False        # skip CUDA graphs (faster start, slower decode)
     max_model_len: Optional[int] = None  # None = max_prompt_tokens + max_new_tokens
     kv_cache_gib: int = 1              # CPU build only: KV cache size (VLLM_CPU_KVCACHE_SPACE)
+    enable_sleep_mode: bool = False    # GPU: free weights/KV cache between rollouts when co-located
 
 
 @dataclass

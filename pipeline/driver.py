@@ -73,7 +73,10 @@ def generator_placement(cfg) -> dict:
     workers in the group the actor was scheduled into."""
     r = cfg.rollout
     tp = r.vllm.tensor_parallel_size
-    if tp <= 1 or r.num_gpus == 0:
+    if r.num_gpus == 0:   # CPU: an in-process vLLM engine starts in seconds instead of ~15 s
+        env = {"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}}
+        return {"num_cpus": r.num_cpus, "num_gpus": 0, "runtime_env": env}
+    if tp <= 1:
         return {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus}
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
