@@ -32,7 +32,7 @@ class RunSection:
 
 @dataclass
 class RaySection:
-    address: str = ""                  # "" = attach to a running cluster if any, else start locally
+    address: str = ""                  # "" = attach to a running cluster if any, else start locally; "local" = always a new one
     num_cpus: Optional[float] = None   # CPUs for a locally started Ray (None = all)
     dashboard: bool = True             # start the Ray dashboard with a local Ray
 

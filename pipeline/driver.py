@@ -53,17 +53,21 @@ def run(cfg) -> Path:
 
 
 def init_ray(cfg) -> bool:
-    """Attach to a running cluster (ray.address or RAY_ADDRESS / `ray start`), else start one."""
+    """ray.address: "" attaches to a running cluster (RAY_ADDRESS or `ray start`) or starts
+    one; "local" always starts a private local instance; anything else is an address."""
     if ray.is_initialized():
         return False
     env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}}
-    try:
-        ray.init(address=cfg.ray.address or "auto", runtime_env=env, log_to_driver=True)
+    local = dict(num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.dashboard, runtime_env=env)
+    if cfg.ray.address == "local":
+        ray.init(address="local", **local)
         return True
+    try:
+        ray.init(address=cfg.ray.address or "auto", runtime_env=env)
     except ConnectionError:
         if cfg.ray.address:
             raise
-    ray.init(num_cpus=cfg.ray.num_cpus, runtime_env=env, include_dashboard=cfg.ray.dashboard)
+        ray.init(**local)
     return True
 
 
