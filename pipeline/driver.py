@@ -78,7 +78,7 @@ def generator_placement(cfg) -> dict:
     r = cfg.rollout
     tp = r.vllm.tensor_parallel_size
     if r.num_gpus == 0:   # CPU: an in-process vLLM engine starts in seconds instead of ~15 s
-        env = {"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}}
+        env = {"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_LOGGING_LEVEL": "ERROR"}}
         return {"num_cpus": r.num_cpus, "num_gpus": 0, "runtime_env": env}
     if tp <= 1:
         return {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus}
