@@ -90,6 +90,23 @@ def generator_placement(cfg) -> dict:
         pg, placement_group_capture_child_tasks=True)}
 
 
+def _trainer_class():
+    """TorchTrainer minus Ray Train's PlacementGroupCleaner.
+
+    The cleaner asks the state API whether the train controller is alive and treats a
+    missed lookup as death: on 2 busy cores it removed the live learner's placement
+    group mid-run (seen here at step ~430; the same flaw is noted in ray-project/ray
+    PR 65447's review). Our driver owns the job, so the group is freed when it exits.
+    """
+    from ray.train.torch import TorchTrainer
+
+    class PipelineTrainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            return [c for c in super()._create_default_callbacks()
+                    if type(c).__name__ != "PlacementGroupCleanerCallback"]
+    return PipelineTrainer
+
+
 class Pipeline:
     """The actors and queues of one run."""
 
@@ -114,12 +131,11 @@ class Pipeline:
 
     def _trainer(self):
         from ray.train import RunConfig, ScalingConfig
-        from ray.train.torch import TorchTrainer
         t = self.cfg.train
         config = {"cfg": OmegaConf.to_container(self.cfg), "model_dir": self.world.model_dir,
                   "pad_id": self.world.pad_id, "store": self.store, "selector": self.selector,
                   "train_q": self.train_q, "metrics_q": self.metrics_q}
-        return TorchTrainer(train_loop_per_worker, train_loop_config=config,
+        return _trainer_class()(train_loop_per_worker, train_loop_config=config,
                             scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                                          resources_per_worker={"CPU": t.cpus_per_worker, **(
                                                              {"GPU": t.gpus_per_worker} if t.use_gpu else {})}),
