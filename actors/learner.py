@@ -110,10 +110,12 @@ def train_loop_per_worker(config: dict) -> None:
     last = time.perf_counter()
     for step in range(1, cfg.trainer.total_steps + 1):
         t0 = time.perf_counter()
-        refs = [train_q.get()[0] if rank == 0 else None]
+        # rank 0 pulls the batch and broadcasts the data itself: an ObjectRef pickled through
+        # torch.distributed loses its owner and ray.get on rank 1 hangs (seen with 2 workers)
+        box = [ray.get(train_q.get()[0]) if rank == 0 else None]
         if world > 1:
-            dist.broadcast_object_list(refs, src=0)
-        batch = ray.get(refs[0])
+            dist.broadcast_object_list(box, src=0)
+        batch = box[0]
         t1 = time.perf_counter()
         metrics, trained, stale = learner.step(batch)
         t2 = time.perf_counter()

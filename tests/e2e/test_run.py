@@ -88,3 +88,10 @@ def test_vllm_engine_runs_the_pipeline_and_learns(tmp_path, tiny_cache):
     assert all(r["ledger/issued"] == sum(r[k] for k in LEDGER) for r in steps)
     assert sum(r["time/weight_sync"] for r in steps) > 0 and steps[-1]["rollout/tokens_per_s"] > 0
     assert steps[-1]["eval/accuracy"] >= rows[0]["eval/accuracy"] + 0.1     # RL moved the held-out figure
+
+
+def test_two_learner_workers_train_with_ddp(tmp_path, tiny_cache):
+    rows = train(tmp_path, tiny_cache, "train.num_workers=2", "trainer.total_steps=3", "eval.every=0")[1:]
+    assert [r["policy_version"] for r in rows] == [1, 2, 3]
+    assert all(r["train/effective_groups"] + r["train/dropped_stale"] == 32 and r["train/grad_norm"] > 0
+               for r in rows)
