@@ -47,46 +47,53 @@ def test_generator_picks_up_published_weights(random_world):
         ray.get(store.publish.remote(1, state))
 
 
-def start(cfg, world):
-    qs = [Queue(8, actor_options=FREE), Queue(16, actor_options=FREE), Queue(1, actor_options=FREE)]
-    store = ray.remote(WeightStore).options(**FREE).remote()
-    sel = ray.remote(PromptSelector).options(num_cpus=0.25, max_concurrency=4).remote(cfg, world.train, qs[0])
-    gen = ray.remote(Generator).options(num_cpus=0.25, max_concurrency=4).remote(
-        cfg, str(world.model_dir), str(world.tokenizer_dir), store, qs[0], qs[1])
-    rew = ray.remote(Rewarder).options(num_cpus=0.25, max_concurrency=4).remote(cfg, sel, qs[1], qs[2])
-    loops = [sel.run.remote(), gen.run.remote(), rew.run.remote()]
-    return store, sel, gen, rew, qs[2], loops
+@pytest.fixture
+def pipeline():
+    """Start selector, generator and rewarder loops on real queues; always tear them down,
+    so a failing test cannot leave actors holding the session's 2 CPUs."""
+    started = []
+
+    def start(cfg, world):
+        qs = [Queue(8, actor_options=FREE), Queue(16, actor_options=FREE), Queue(1, actor_options=FREE)]
+        store = ray.remote(WeightStore).options(**FREE).remote()
+        sel = ray.remote(PromptSelector).options(num_cpus=0.25, max_concurrency=4).remote(cfg, world.train, qs[0])
+        gen = ray.remote(Generator).options(num_cpus=0.25, max_concurrency=4).remote(
+            cfg, str(world.model_dir), str(world.tokenizer_dir), store, qs[0], qs[1])
+        rew = ray.remote(Rewarder).options(num_cpus=0.25, max_concurrency=4).remote(cfg, sel, qs[1], qs[2])
+        loops = [sel.run.remote(), gen.run.remote(), rew.run.remote()]
+        started.append(([sel, gen, rew, store] + [q.actor for q in qs], loops))
+        return store, sel, qs[2]
+
+    yield start
+    for actors, loops in started:
+        for a in actors[:3]:
+            a.stop.remote()
+        ray.wait(loops, num_returns=len(loops), timeout=30)
+        for a in actors:
+            ray.kill(a)
 
 
-def stop(actors, loops):
-    for a in actors:
-        a.stop.remote()
-    ray.get(loops, timeout=30)
-
-
-def test_queues_deliver_exact_batches_and_ledger_balances(random_world):
+def test_queues_deliver_exact_batches_and_ledger_balances(random_world, pipeline):
     cfg = tiny_cfg("selector.name=none", "pipeline.max_staleness=0")
-    store, sel, gen, rew, train_q, loops = start(cfg, random_world)
-    batch = ray.get(train_q.get(timeout=60)[0])
+    store, sel, train_q = pipeline(cfg, random_world)
+    batch = ray.get(train_q.get(timeout=300)[0])
     assert batch.index == 1 and len(batch.groups) == 4
     assert all(len(g.group.samples) == 4 and g.group.version == 0 for g in batch.groups)
     snap = ray.get(sel.settle.remote(1, [g.group.ticket for g in batch.groups], []))
     ledger = {k: v for k, v in snap.items() if k.startswith("ledger/")}
     assert ledger["ledger/trained"] == 4
     assert ledger["ledger/issued"] == sum(v for k, v in ledger.items() if k != "ledger/issued")
-    stop([sel, gen, rew], loops)
 
 
-def test_synchronous_mode_never_trains_on_old_versions(random_world):
+def test_synchronous_mode_never_trains_on_old_versions(random_world, pipeline):
     """max_staleness=0: after v1 is published, batch 2 holds only v1 data; older leftovers are dropped."""
     cfg = tiny_cfg("selector.name=none", "pipeline.max_staleness=0")   # a random model solves nothing: no filter
-    store, sel, gen, rew, train_q, loops = start(cfg, random_world)
-    first = ray.get(train_q.get(timeout=60)[0])
+    store, sel, train_q = pipeline(cfg, random_world)
+    first = ray.get(train_q.get(timeout=300)[0])
     ray.get(store.publish.remote(1, other_weights(random_world, seed=2)))
     ray.get(sel.settle.remote(1, [g.group.ticket for g in first.groups], []))
-    second = ray.get(train_q.get(timeout=120)[0])
+    second = ray.get(train_q.get(timeout=300)[0])
     assert {g.group.version for g in second.groups} == {1}
-    stop([sel, gen, rew], loops)
     snap = ray.get(sel.settle.remote(2, [g.group.ticket for g in second.groups], []))
     ledger = {k: v for k, v in snap.items() if k.startswith("ledger/")}
     assert ledger["ledger/issued"] == sum(v for k, v in ledger.items() if k != "ledger/issued")
