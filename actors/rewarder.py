@@ -15,7 +15,7 @@ from queue import Empty, Full
 import ray
 
 from pipeline.batching import Accumulator
-from pipeline.selection import make_selector
+from pipeline.selection import SELECTORS
 from pipeline.types import ScoredGroup, TrainBatch
 
 
@@ -33,7 +33,7 @@ class Rewarder:
         self.cfg, self.selector, self.rollout_q, self.train_q = cfg, selector, rollout_q, train_q
         self.score = make_scorer(cfg.reward)
         self.pool = ThreadPoolExecutor(cfg.reward.num_threads)
-        post_filter = make_selector(cfg.selector, batch_size=1, sampling_batch=1).post_filter
+        post_filter = SELECTORS[cfg.selector.name].post_filter
         self.acc = Accumulator(cfg.train.batch_size, post_filter=post_filter)
         self.stopped = False
 
