@@ -31,7 +31,7 @@ class Generator:
         self.engine = engine or make_engine(cfg.rollout.engine, model_dir, tokenizer_dir, cfg=cfg)
         self.version, self.requests, self.stopped = 0, 0, False
         self.lock = threading.Lock()          # one engine: evaluation and rollout take turns
-        self.sync_seconds, self.syncs = 0.0, 0
+        self.sync_seconds = 0.0
 
     def sync_weights(self, min_version: int = 0) -> int:
         """Load the newest published weights if they are newer than ours."""
@@ -41,7 +41,6 @@ class Generator:
             self.engine.update_weights(ray.get(refs[0]))
             self.sync_seconds += time.perf_counter() - t0
             self.version = version
-            self.syncs += 1
         if self.version < min_version:
             raise RuntimeError(f"request needs policy v{min_version}, store has v{version}")
         return self.version
@@ -86,10 +85,6 @@ class Generator:
             out = self.engine.generate([p.token_ids for p in prompts],
                                        SamplingConfig(n=1, temperature=0.0, max_new_tokens=max_new_tokens))
             return self.version, [o[0].text for o in out]
-
-    def stats(self) -> dict:
-        return {"version": self.version, "requests": self.requests, "syncs": self.syncs,
-                "sync_seconds": self.sync_seconds}
 
     def stop(self) -> None:
         self.stopped = True

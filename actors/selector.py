@@ -31,7 +31,6 @@ class PromptSelector:
         self.version = 0
         self.recent_zv: deque[bool] = deque(maxlen=4 * self.batch_size)   # zero-variance ratio estimate
         self.window: Counter = Counter()                 # this step's counters, reset at settle
-        self.steps: dict[int, dict] = {}                 # settled step -> metrics snapshot
         self.pending: deque[Request] = deque()           # issued requests the queue had no room for
         self.lock = threading.Lock()
         self.stopped = False
@@ -111,9 +110,9 @@ class PromptSelector:
             groups = w[EASY] + w[HARD] + w["mixed"]
             easy, hard = (w[EASY] / groups, w[HARD] / groups) if groups else (0.0, 0.0)
             self.selector.end_step(easy, hard)
-            self.steps[version] = self._snapshot(w, groups, easy, hard)
+            snapshot = self._snapshot(w, groups, easy, hard)
             self.window = Counter()
-            return self.steps[version]
+            return snapshot
 
     def _snapshot(self, w: Counter, groups: int, easy: float, hard: float) -> dict:
         p = getattr(self.selector, "p", {})
@@ -128,10 +127,6 @@ class PromptSelector:
                 "selector/skipped_easy": w["skipped_easy"], "selector/skipped_hard": w["skipped_hard"],
                 "selector/p_easy": p.get(EASY, 1.0), "selector/p_hard": p.get(HARD, 1.0),
                 "selector/epoch": self.cursor.epoch, **self.ledger.metrics()}
-
-    def step_metrics(self, version: int) -> dict:
-        with self.lock:
-            return self.steps.pop(version, {})
 
     def state_dict(self) -> dict:
         with self.lock:
