@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-SELECTORS = ("greso", "dynamic_sampling", "none")
+SELECTORS = ("greso", "mopps", "dynamic_sampling", "none")
 ENGINES = ("auto", "vllm", "hf")
 
 
@@ -64,7 +64,7 @@ class DataSection:
 
 @dataclass
 class SelectorSection:
-    name: str = "greso"                # greso | dynamic_sampling | none
+    name: str = "greso"                # greso | mopps | dynamic_sampling | none
     alpha: float = 0.25                # target zero-variance ratio (GRESO α)
     p_easy: float = 0.5                # initial exploration probability for all-correct streaks
     p_hard: float = 0.5                # initial exploration probability for all-wrong streaks
@@ -73,6 +73,13 @@ class SelectorSection:
     p_max: float = 0.95                # controller upper bound
     keep_floor: float = 0.01           # a prompt is kept with probability at least this
     oversample: float = 1.25           # adaptive size = ceil(k / (1 - zvr) * oversample)
+    probe_fraction: float = 0.02       # share of skipped prompts rolled out anyway (never trained on) to measure false skips
+    mopps_decay: float = 1.0           # MoPPS λ: posterior decays toward the Beta(1,1) prior each update; 1 = no decay
+    mopps_mode: str = "closest"        # closest: keep the sampled rates nearest mopps_target | band: keep rates inside [band_low, band_high]
+    mopps_target: float = 0.5          # MoPPS target success rate (closest mode)
+    mopps_pool: float = 2.0            # closest mode: Thompson-sample this many candidates per prompt kept
+    mopps_band_low: float = 0.25       # band mode: lowest sampled rate kept
+    mopps_band_high: float = 0.75      # band mode: highest sampled rate kept
     num_cpus: float = 1.0              # CPUs reserved for the selector actor
 
 
@@ -230,6 +237,13 @@ def validate(cfg: DictConfig) -> None:
         _check(s.p_min <= s[key] <= s.p_max, f"selector.{key}", f"must lie in [p_min, p_max], got {s[key]}")
     _check(0 < s.keep_floor < 1, "selector.keep_floor", "must lie in (0, 1)")
     _check(s.oversample >= 1, "selector.oversample", "must be >= 1")
+    _check(0 <= s.probe_fraction < 1, "selector.probe_fraction", f"must lie in [0, 1), got {s.probe_fraction}")
+    _check(0 < s.mopps_decay <= 1, "selector.mopps_decay", f"must lie in (0, 1], got {s.mopps_decay}")
+    _check(s.mopps_mode in ("closest", "band"), "selector.mopps_mode", "must be closest or band")
+    _check(0 < s.mopps_target < 1, "selector.mopps_target", "must lie in (0, 1)")
+    _check(s.mopps_pool >= 1, "selector.mopps_pool", "must be >= 1")
+    _check(0 <= s.mopps_band_low < s.mopps_band_high <= 1, "selector.mopps_band_low",
+           "need 0 <= mopps_band_low < mopps_band_high <= 1")
     _check(r.engine in ENGINES, "rollout.engine", f"must be one of {ENGINES}, got {r.engine!r}")
     _check(r.n >= 2, "rollout.n", f"group size must be >= 2 (GRPO needs a spread), got {r.n}")
     _check(r.num_generators >= 1, "rollout.num_generators", "must be >= 1")
