@@ -6,11 +6,18 @@ with probability 1 - max(p^k, 0.01), p = p_easy or p_hard. After every training 
 controller moves p_easy / p_hard by ±0.01 (bounded to [0.05, 0.95]) so that easy
 zero-variance groups make up α/3 of the rolled-out groups and hard ones 2α/3.
 
+MoPPS (arXiv 2507.04632): a Beta(a, b) posterior over each prompt's success rate,
+updated with every group's successes and failures (decaying toward the Beta(1, 1) prior
+with λ); before rollout a rate is Thompson-sampled per candidate and the candidates
+whose sampled rate lies nearest 0.5 are kept (or, in band mode, those inside a band).
+
 Every selector answers three questions, and nothing else:
   keep(uid)            -> (kept?, why skipped)       before rollout
   observe(uid, rewards)                              after scoring, every group
   end_step(easy, hard)                               after each training step
 plus `sampling_size(missing, zvr)`: how many prompts to roll out to fill `missing` groups.
+A selector that ranks candidates against each other (MoPPS closest mode) also answers
+`rank(uids, n)` and says so with `ranked = True`.
 No Ray here: the PromptSelector actor owns one of these and calls it.
 """
 from __future__ import annotations
@@ -68,6 +75,7 @@ class Selector:
 
     name = "none"
     post_filter = False            # drop zero-variance groups after rollout (dynamic sampling)
+    ranked = False                 # chooses among a pool of candidates (rank) rather than one by one (keep)
 
     def __init__(self, cfg, *, batch_size: int, sampling_batch: int, seed: int = 0):
         self.cfg, self.batch_size, self.sampling_batch = cfg, batch_size, sampling_batch
@@ -146,7 +154,76 @@ class Greso(DynamicSampling):
         self.p = dict(state["p"])
 
 
-SELECTORS = {cls.name: cls for cls in (Selector, DynamicSampling, Greso)}
+@dataclass
+class BetaPosterior:
+    """MoPPS's belief about one prompt's success rate."""
+
+    a: float = 1.0
+    b: float = 1.0
+
+    def update(self, successes: float, failures: float, decay: float) -> None:
+        """Forget toward the Beta(1, 1) prior by λ = decay, then add the new evidence."""
+        self.a = decay * self.a + (1 - decay) + successes
+        self.b = decay * self.b + (1 - decay) + failures
+
+
+class MoPPS(DynamicSampling):
+    """MoPPS: Thompson-sample each candidate's success rate from its Beta posterior.
+
+    closest mode (the paper's): of mopps_pool x n candidates keep the n whose sampled
+    rate is nearest mopps_target; band mode: keep a candidate iff its sampled rate lies
+    in [mopps_band_low, mopps_band_high]. A skipped candidate is 'easy' when its sampled
+    rate is above the target (band: above the band) and 'hard' otherwise. Zero-variance
+    groups that still get through are dropped after rollout, and the sampling size adapts
+    to the zero-variance ratio, both as for GRESO.
+    """
+
+    name = "mopps"
+
+    def __init__(self, cfg, **kw):
+        super().__init__(cfg, **kw)
+        self.ranked = cfg.mopps_mode == "closest"
+        self.posterior: dict[str, BetaPosterior] = {}
+
+    def observe(self, uid: str, rewards: Sequence[float]) -> None:
+        super().observe(uid, rewards)
+        successes = float(sum(r >= 0.5 for r in rewards))
+        self.posterior.setdefault(uid, BetaPosterior()).update(successes, len(rewards) - successes,
+                                                               self.cfg.mopps_decay)
+
+    def sample_rates(self, uids: Sequence[str]) -> np.ndarray:
+        prior = BetaPosterior()
+        post = [self.posterior.get(u, prior) for u in uids]
+        return self.rng.beta([p.a for p in post], [p.b for p in post])
+
+    def keep(self, uid: str) -> tuple[bool, str | None]:
+        rate = self.sample_rates([uid])[0]
+        if rate > self.cfg.mopps_band_high:
+            return False, EASY
+        if rate < self.cfg.mopps_band_low:
+            return False, HARD
+        return True, None
+
+    def rank(self, uids: Sequence[str], n: int) -> list[str | None]:
+        """For each candidate: None = kept (one of the n nearest the target), else why skipped."""
+        rates = self.sample_rates(uids)
+        nearest = set(np.argsort(np.abs(rates - self.cfg.mopps_target), kind="stable")[:n].tolist())
+        return [None if i in nearest else (EASY if r > self.cfg.mopps_target else HARD)
+                for i, r in enumerate(rates)]
+
+    def sampling_size(self, missing: int, zero_variance_ratio: float) -> int:
+        return adaptive_size(missing, zero_variance_ratio, oversample=self.cfg.oversample,
+                             hi=self.sampling_batch)
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "posterior": {u: vars(p).copy() for u, p in self.posterior.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.posterior = {u: BetaPosterior(**p) for u, p in state["posterior"].items()}
+
+
+SELECTORS = {cls.name: cls for cls in (Selector, DynamicSampling, Greso, MoPPS)}
 
 
 def make_selector(cfg, *, batch_size: int, sampling_batch: int, seed: int = 0) -> Selector:
@@ -190,26 +267,52 @@ class DataCursor:
 
 @dataclass
 class Picked:
-    """The outcome of one selection pass: prompts to roll out and what was skipped."""
+    """The outcome of one selection pass: prompts to roll out and what was skipped.
+
+    probes: (index, why) of skipped prompts rolled out anyway to measure the predictor;
+    they are counted in `skipped` too and must never be trained on.
+    """
 
     indices: list[int]
     skipped: dict[str, int]
+    probes: list[tuple[int, str]] = field(default_factory=list)
 
 
 def pick(selector: Selector, cursor: DataCursor, uids: Sequence[str], n: int) -> Picked:
     """Walk the cursor until `n` prompts are kept; every skip is counted by its reason.
 
-    The keep floor (0.01) guarantees progress, but a data set made only of long
+    A skipped prompt becomes a probe with probability selector.cfg.probe_fraction.
+    The keep floor (0.01) guarantees GRESO progress, but a data set made only of long
     streaks could still take many candidates; after 100 passes over the data we stop
     skipping rather than spin.
     """
-    kept, skipped, seen = [], {EASY: 0, HARD: 0}, 0
-    while len(kept) < n:
+    picked = Picked([], {EASY: 0, HARD: 0})
+    probe_fraction = getattr(selector.cfg, "probe_fraction", 0.0)
+
+    def skip(i: int, why: str) -> None:
+        picked.skipped[why] += 1
+        if probe_fraction and selector.rng.random() < probe_fraction:
+            picked.probes.append((i, why))
+
+    if selector.ranked and n > 0:
+        pool = [cursor.next() for _ in range(min(math.ceil(n * selector.cfg.mopps_pool), max(n, cursor.size)))]
+        decisions = zip(pool, selector.rank([uids[i] for i in pool], n))
+    else:
+        decisions = _one_by_one(selector, cursor, uids, n)
+    for i, why in decisions:
+        if why is None:
+            picked.indices.append(i)
+        else:
+            skip(i, why)
+    return picked
+
+
+def _one_by_one(selector: Selector, cursor: DataCursor, uids: Sequence[str], n: int):
+    """(index, why) per candidate from keep(), until n are kept."""
+    kept = seen = 0
+    while kept < n:
         i = cursor.next()
         seen += 1
         ok, why = selector.keep(uids[i]) if seen <= 100 * cursor.size else (True, None)
-        if ok:
-            kept.append(i)
-        else:
-            skipped[why] += 1
-    return Picked(kept, skipped)
+        kept += ok
+        yield i, why

@@ -8,13 +8,23 @@ import pytest
 from omegaconf import OmegaConf
 
 from pipeline.config import SelectorSection
-from pipeline.selection import (EASY, HARD, MIXED, DataCursor, DynamicSampling, Greso, PromptHistory, Selector,
-                                adaptive_size, classify, make_selector, pick, skip_probability)
+from pipeline.selection import (EASY, HARD, MIXED, BetaPosterior, DataCursor, DynamicSampling, Greso, MoPPS,
+                                PromptHistory, Selector, adaptive_size, classify, make_selector, pick,
+                                skip_probability)
 
 
 def greso(**kw) -> Greso:
     cfg = OmegaConf.structured(SelectorSection(**kw))
     return make_selector(cfg, batch_size=8, sampling_batch=64, seed=0)
+
+
+def mopps(**kw) -> MoPPS:
+    return greso(name="mopps", **kw)
+
+
+def within(rate: float, expected: float, trials: int, sigmas: float = 5) -> bool:
+    """Binomial rate within `sigmas` standard errors of `expected`."""
+    return abs(rate - expected) <= sigmas * math.sqrt(expected * (1 - expected) / trials) + 1e-9
 
 
 def test_classify():
@@ -121,6 +131,96 @@ def test_pick_counts_every_skip_and_keeps_n():
     considered = cursor.epoch * 10 + cursor.position
     assert considered == 8 + picked.skipped[EASY] + picked.skipped[HARD]
     assert picked.skipped[EASY] > 0 and picked.skipped[HARD] == 0
+
+
+def test_mopps_posterior_counts_successes_and_decays_toward_prior():
+    m = mopps()
+    m.observe("a", [1, 0, 1, 1])
+    m.observe("a", [0, 0, 0, 1])
+    assert (m.posterior["a"].a, m.posterior["a"].b) == (1 + 4, 1 + 4)
+    p = BetaPosterior(a=11, b=3)
+    p.update(successes=2, failures=0, decay=0.5)     # 0.5*11 + 0.5 + 2, 0.5*3 + 0.5 + 0
+    assert (p.a, p.b) == (8.0, 2.0)
+    q = BetaPosterior(a=50, b=2)
+    for _ in range(200):
+        q.update(0, 0, decay=0.9)                    # no evidence: forgets back to Beta(1, 1)
+    assert q.a == pytest.approx(1) and q.b == pytest.approx(1)
+
+
+def test_mopps_band_keeps_unseen_prompt_with_probability_band_width():
+    m = mopps(mopps_mode="band", mopps_band_low=0.2, mopps_band_high=0.6)
+    trials = 20_000
+    kept = sum(m.keep("unseen")[0] for _ in range(trials)) / trials
+    assert within(kept, 0.4, trials)                 # Beta(1, 1) is uniform: P(0.2 <= θ <= 0.6)
+
+
+def test_mopps_band_almost_never_keeps_a_prompt_solved_20_of_20():
+    m = mopps(mopps_mode="band")
+    m.observe("solved", [1] * 20)                    # Beta(21, 1): P(θ <= 0.75) = 0.75^21 = 0.0024
+    trials = 20_000
+    decisions = [m.keep("solved") for _ in range(trials)]
+    assert within(sum(ok for ok, _ in decisions) / trials, 0.75 ** 21, trials)
+    assert {why for ok, why in decisions if not ok} == {EASY}
+
+
+def test_mopps_closest_prefers_uncertain_prompts_over_settled_ones():
+    m = mopps(mopps_pool=2.0)
+    m.observe("solved", [1] * 20)
+    m.observe("hopeless", [0] * 20)
+    m.observe("coin", [1, 0] * 4)                    # Beta(5, 5)
+    m.observe("coin2", [0, 1] * 3)                   # Beta(4, 4)
+    uids = ["solved", "hopeless", "coin", "coin2"]
+    picks = {u: 0 for u in uids}
+    trials = 5_000
+    for _ in range(trials):
+        for u, why in zip(uids, m.rank(uids, 2)):
+            picks[u] += why is None
+    assert picks["solved"] / trials < 0.01 and picks["hopeless"] / trials < 0.01
+    assert picks["coin"] / trials > 0.98 and picks["coin2"] / trials > 0.98
+    reasons = m.rank(uids, 2)
+    assert reasons[0] == EASY and reasons[1] == HARD
+    # Against an unseen (uniform) prompt the solved one wins only when the unseen draw lands
+    # even further from 0.5: P = E[2(1 - θ)] = 2/22 for θ ~ Beta(21, 1).
+    won = sum(m.rank(["solved", "unseen"], 1)[0] is None for _ in range(trials)) / trials
+    assert within(won, 2 / 22, trials)
+
+
+def test_mopps_pick_draws_a_pool_and_keeps_exactly_n():
+    m = mopps(mopps_pool=3.0, probe_fraction=0.0)
+    uids = [f"u{i}" for i in range(100)]
+    cursor = DataCursor(100, seed=1)
+    picked = pick(m, cursor, uids, 10)
+    assert len(picked.indices) == 10 and sum(picked.skipped.values()) == 20 and cursor.position == 30
+
+
+@pytest.mark.parametrize("name", ["greso", "mopps", "dynamic_sampling", "none"])
+def test_every_selector_state_round_trips_through_plain_dict(name):
+    a, b = greso(name=name), greso(name=name)
+    for i in range(30):
+        a.observe(f"p{i % 7}", [i % 3 == 0, 1, i % 2 == 0, 1])
+    a.end_step(0.3, 0.1)
+    b.load_state_dict(eval(repr(a.state_dict()), {"array": np.array}))
+    uids = [f"p{i}" for i in range(7)]
+    assert [a.keep(u) for u in uids] == [b.keep(u) for u in uids]
+    assert pick(a, DataCursor(7), uids, 5) == pick(b, DataCursor(7), uids, 5)
+
+
+def test_probes_are_a_random_share_of_skips():
+    g = greso(p_easy=0.05, p_hard=0.05, probe_fraction=0.25)
+    uids = [f"u{i}" for i in range(200)]
+    for u in uids[:150]:
+        for _ in range(5):
+            g.observe(u, [0, 0])
+    cursor, skipped, probes = DataCursor(200, seed=0), 0, []
+    for _ in range(50):
+        picked = pick(g, cursor, uids, 20)
+        skipped += sum(picked.skipped.values())
+        probes += picked.probes
+    assert {why for _, why in probes} == {HARD}
+    assert all(i < 150 for i, _ in probes)           # only prompts that could be skipped
+    assert within(len(probes) / skipped, 0.25, skipped)
+    assert not any(pick(greso(name="dynamic_sampling", probe_fraction=0.5), DataCursor(200), uids, 50).probes
+                   for _ in range(3))                # nothing skipped, nothing probed
 
 
 def test_selection_module_does_not_import_ray():
