@@ -4,6 +4,10 @@ It keeps the generators fed: whenever the staleness bound allows more batches th
 the pipeline holds, it picks prompts (GRESO skips happen here, before rollout) and puts
 requests on the prompt queue. Every group's rewards come back here (history, ledger,
 per-step metrics), and the learner settles each step here.
+
+Two measurements no peer makes live here too: probes (a random share of skipped prompts
+rolled out anyway and never trained on) give selector/false_skip_rate, and the solve rate
+each prompt had when it was issued gives rollout/ vs train/difficulty_mean.
 """
 from __future__ import annotations
 
@@ -31,6 +35,9 @@ class PromptSelector:
         self.version = 0
         self.recent_zv: deque[bool] = deque(maxlen=4 * self.batch_size)   # zero-variance ratio estimate
         self.window: Counter = Counter()                 # this step's counters, reset at settle
+        self.probes: Counter = Counter()                 # whole-run probe outcomes: false skips per reason
+        self.prior_rate: dict[int, float | None] = {}    # ticket -> solve rate known when it was issued
+        self.probe_why: dict[int, str] = {}              # probe ticket -> why its prompt was skipped
         self.pending: deque[Request] = deque()           # issued requests the queue had no room for
         self.lock = threading.Lock()
         self.stopped = False
@@ -53,10 +60,19 @@ class PromptSelector:
         picked = pick(self.selector, self.cursor, self.uids, n)
         self.window.update({f"skipped_{k}": v for k, v in picked.skipped.items()})
         self.window["prompts"] += n
-        tickets = self.ledger.issue(n)
+        indices = picked.indices + [i for i, _ in picked.probes]
+        tickets = self.ledger.issue(len(indices))
+        for t, i in zip(tickets, picked.indices):
+            self.prior_rate[t] = rate = self.selector.solve_rate(self.uids[i])
+            if rate is not None:
+                self.window["rollout_rate_sum"] += rate
+                self.window["rollout_rate_n"] += 1
+        for t, (_, why) in zip(tickets[n:], picked.probes):
+            self.probe_why[t] = why
+        probe = (False,) * n + (True,) * len(picked.probes)
         size = self.cfg.rollout.request_size
-        return [Request(tuple(tickets[i:i + size]), tuple(self.prompts[j] for j in picked.indices[i:i + size]),
-                        min_version=self.version) for i in range(0, n, size)]
+        return [Request(tuple(tickets[i:i + size]), tuple(self.prompts[j] for j in indices[i:i + size]),
+                        min_version=self.version, probe=probe[i:i + size]) for i in range(0, len(indices), size)]
 
     def pump(self) -> None:
         """Issue what is missing and push pending requests without ever blocking."""
@@ -88,6 +104,13 @@ class PromptSelector:
                 kind = classify(r["rewards"])
                 self.selector.observe(r["uid"], r["rewards"])
                 self.ledger.move([r["ticket"]], r["fate"])
+                if r["fate"] == "probed":     # measured apart: no controller, ratio or sample counts
+                    why = self.probe_why.pop(r["ticket"])
+                    self.probes.update({why: 1, f"false_{why}": kind == "mixed"})
+                    self.window["probe_samples"] += len(r["rewards"])
+                    continue
+                if r["fate"] == "filtered":
+                    self.prior_rate.pop(r["ticket"], None)
                 self.recent_zv.append(kind != "mixed")
                 self.window[kind] += 1
                 self.window["samples"] += len(r["rewards"])
@@ -96,6 +119,8 @@ class PromptSelector:
             for queued, stale in batches:
                 self.ledger.move(stale, "dropped_stale")
                 self.ledger.move(queued, "queued")
+                for t in stale:
+                    self.prior_rate.pop(t, None)
             self.window["gen_seconds"] += gen_seconds
             self.window["sync_seconds"] += sync_seconds
             self.window["tokens"] += tokens
@@ -107,6 +132,12 @@ class PromptSelector:
             self.ledger.move(stale, "dropped_stale")
             self.version = version
             w = self.window
+            for t in stale:
+                self.prior_rate.pop(t, None)
+            for rate in (self.prior_rate.pop(t, None) for t in trained):
+                if rate is not None:
+                    w["train_rate_sum"] += rate
+                    w["train_rate_n"] += 1
             groups = w[EASY] + w[HARD] + w["mixed"]
             easy, hard = (w[EASY] / groups, w[HARD] / groups) if groups else (0.0, 0.0)
             self.selector.end_step(easy, hard)
@@ -126,7 +157,26 @@ class PromptSelector:
                 "rollout/tokens_per_s": w["tokens"] / w["gen_seconds"] if w["gen_seconds"] else 0.0,
                 "selector/skipped_easy": w["skipped_easy"], "selector/skipped_hard": w["skipped_hard"],
                 "selector/p_easy": p.get(EASY, 1.0), "selector/p_hard": p.get(HARD, 1.0),
-                "selector/epoch": self.cursor.epoch, **self.ledger.metrics()}
+                "selector/epoch": self.cursor.epoch, **self._bias(w), **self._probe_metrics(w),
+                **self.ledger.metrics()}
+
+    @staticmethod
+    def _bias(w: Counter) -> dict:
+        """Mean solve rate (known at issue time) of the prompts rolled out vs trained on this step:
+        how far skipping and filtering tilt training away from what the data offers.
+        None while no prompt in the window has a history yet (the first epoch)."""
+        def mean(key):
+            return w[f"{key}_rate_sum"] / w[f"{key}_rate_n"] if w[f"{key}_rate_n"] else None
+        return {"rollout/difficulty_mean": mean("rollout"), "train/difficulty_mean": mean("train")}
+
+    def _probe_metrics(self, w: Counter) -> dict:
+        """False skips over the whole run so far: probed skips whose group had a learning signal."""
+        def rate(*kinds):
+            n = sum(self.probes[k] for k in kinds)
+            return sum(self.probes[f"false_{k}"] for k in kinds) / n if n else None
+        return {"selector/false_skip_rate": rate(EASY, HARD), "selector/false_skip_rate_easy": rate(EASY),
+                "selector/false_skip_rate_hard": rate(HARD), "selector/probes": self.probes[EASY] + self.probes[HARD],
+                "rollout/probe_samples": w["probe_samples"]}
 
     def state_dict(self) -> dict:
         with self.lock:

@@ -11,7 +11,7 @@ class MetricsLog:
     """Appends one JSON row per step, flushed at once so a crash keeps every finished step."""
 
     def __init__(self, path: Path):
-        self.path, self.total_samples = path, 0
+        self.path, self.total_samples, self.total_probe_samples = path, 0, 0
 
     def __enter__(self) -> "MetricsLog":
         self.f = open(self.path, "w")
@@ -19,8 +19,10 @@ class MetricsLog:
 
     def write(self, row: dict) -> None:
         self.total_samples += row.get("rollout/samples", 0)
-        if "train/loss" in row:
+        self.total_probe_samples += row.get("rollout/probe_samples", 0)
+        if "train/loss" in row:   # cumulative: samples trained on or filtered, and probe samples apart
             row["rollout/total_samples"] = self.total_samples
+            row["rollout/total_probe_samples"] = self.total_probe_samples
         self.f.write(json.dumps(row, default=float) + "\n")
         self.f.flush()
 

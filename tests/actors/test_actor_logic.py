@@ -29,8 +29,9 @@ def answer(prompt, right: bool) -> Sample:
 
 
 def roll(req, version: int, right_pattern) -> list[RolloutGroup]:
-    return [RolloutGroup(t, p, tuple(answer(p, ok) for ok in right_pattern(i)), version)
-            for i, (t, p) in enumerate(zip(req.tickets, req.prompts))]
+    probes = req.probe or (False,) * len(req.prompts)
+    return [RolloutGroup(t, p, tuple(answer(p, ok) for ok in right_pattern(i)), version, probe)
+            for i, (t, p, probe) in enumerate(zip(req.tickets, req.prompts, probes))]
 
 
 def test_selector_issues_what_staleness_allows_then_settles(random_world):
@@ -69,6 +70,62 @@ def test_greso_skips_prompts_with_history(random_world):
             sel.selector.observe(p.uid, [1.0] * 4)
     sel.pump()
     assert sel.window["skipped_easy"] > 0 and sel.window["skipped_hard"] == 0
+
+
+def test_probes_measure_false_skips_and_are_never_trained(random_world):
+    """Prompts with an all-wrong history are skipped; probes among them come back mixed
+    (false skips), feed history, stay out of batches and out of rollout/samples."""
+    cfg = tiny_cfg("selector.name=greso", "selector.p_hard=0.05", "selector.probe_fraction=0.5")
+    q = ListQueue()
+    sel = PromptSelector(cfg, random_world.train, q)
+    rew = Rewarder(cfg, selector=sel)
+    hard = {p.uid for p in random_world.train[: len(random_world.train) // 2]}
+    for uid in hard:
+        for _ in range(4):
+            sel.selector.observe(uid, [0.0] * 4)
+    sel.pump()
+    probe_uids = [p.uid for r in q for p, probe in zip(r.prompts, r.probe) if probe]
+    assert probe_uids and set(probe_uids) <= hard
+    batches = []
+    for req in q:   # everything rolled out has a learning signal
+        groups = roll(req, 0, lambda i: [True, False, False, True])
+        batches += rew.consume(Rollouts(groups), rew.grade(groups))
+    trained = [g.group.ticket for b in batches for g in b.groups]
+    assert trained and not any(g.group.probe for b in batches for g in b.groups)
+    row = sel.settle(1, trained[:4], [])
+    assert row["selector/probes"] == len(probe_uids) and row["selector/false_skip_rate"] == 1.0
+    assert row["selector/false_skip_rate_hard"] == 1.0 and row["selector/false_skip_rate_easy"] is None
+    assert row["rollout/probe_samples"] == 4 * len(probe_uids)
+    assert row["rollout/samples"] == 4 * row["rollout/prompts"]         # probes counted apart
+    assert row["ledger/issued"] == sum(v for k, v in row.items() if k.startswith("ledger/") and k != "ledger/issued")
+    assert all(sel.selector.history[u].groups == 5 for u in probe_uids)  # fed back to history
+    # the kept prompts had no history when issued, so the bias metrics have nothing yet
+    assert row["rollout/difficulty_mean"] is None and row["train/difficulty_mean"] is None
+
+
+def test_difficulty_means_compare_rolled_out_and_trained_prompts(random_world):
+    """Dynamic sampling rolls out solved and unsolved prompts alike but trains only on the
+    mixed ones (here all at solve rate 1/3): the two means differ the way the filter tilts them."""
+    cfg = tiny_cfg("selector.name=dynamic_sampling", "pipeline.max_staleness=0")
+    q = ListQueue()
+    sel = PromptSelector(cfg, random_world.train, q)
+    rew = Rewarder(cfg, selector=sel)
+    issued = []
+    rate = {p.uid: [0, 1 / 3, 1, 1][i % 4] for i, p in enumerate(random_world.train)}
+    for uid, r in rate.items():
+        sel.selector.observe(uid, [1.0] * round(3 * r) + [0.0] * (3 - round(3 * r)))
+    batches = []
+    while not batches:   # outcome follows the history: rates 0 and 1 stay zero-variance
+        sel.pump()
+        while q:
+            req = q.pop(0)
+            groups = roll(req, 0, lambda i, req=req: [j < round(4 * rate[req.prompts[i].uid]) for j in range(4)])
+            batches += rew.consume(Rollouts(groups), rew.grade(groups))
+            issued += [rate[p.uid] for p in req.prompts]
+    trained = [g.group.ticket for g in batches[0].groups]
+    row = sel.settle(1, trained, [])
+    assert row["rollout/difficulty_mean"] == pytest.approx(sum(issued) / len(issued))
+    assert row["rollout/difficulty_mean"] > 0.5 and row["train/difficulty_mean"] == pytest.approx(1 / 3)
 
 
 def test_learner_step_trains_and_drops_stale(random_world):
