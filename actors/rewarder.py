@@ -7,6 +7,7 @@ the staleness rule live in pipeline.batching.Accumulator.
 """
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -19,9 +20,9 @@ from pipeline.selection import SELECTORS
 from pipeline.types import ScoredGroup, TrainBatch
 
 
-def make_scorer(reward_cfg):
-    """reward.kind -> score(response, ground_truth) -> float."""
-    if reward_cfg.kind == "tiny":
+def make_scorer(reward_cfg, kind: str = ""):
+    """reward.kind (or `kind`, for an eval set graded differently) -> score(response, ground_truth) -> float."""
+    if (kind or reward_cfg.kind) == "tiny":
         from pipeline.tiny import tiny_score
         return tiny_score
     from pipeline.rewards import Grader
@@ -32,6 +33,8 @@ class Rewarder:
     def __init__(self, cfg, selector=None, rollout_q=None, train_q=None):
         self.cfg, self.selector, self.rollout_q, self.train_q = cfg, selector, rollout_q, train_q
         self.score = make_scorer(cfg.reward)
+        self.scorers = {cfg.reward.kind: self.score}   # eval sets may grade with another kind
+        self.scorers_lock = threading.Lock()
         self.pool = ThreadPoolExecutor(cfg.reward.num_threads)
         post_filter = SELECTORS[cfg.selector.name].post_filter
         self.acc = Accumulator(cfg.train.batch_size, post_filter=post_filter)
@@ -42,9 +45,14 @@ class Rewarder:
         return [ScoredGroup(g, tuple(self.score(s.text, g.prompt.ground_truth) for s in g.samples))
                 for g in groups]
 
-    def accuracy(self, texts: list[str], truths: list[str]) -> float:
-        """Mean reward of single responses (greedy evaluation)."""
-        scores = list(self.pool.map(self.score, texts, truths))
+    def accuracy(self, texts: list[str], truths: list[str], kind: str = "") -> float:
+        """Mean reward of the responses (greedy: accuracy; k per prompt: avg@k), graded by
+        `kind`'s scorer ("" = reward.kind), built on first use: math-verify starts worker processes."""
+        kind = kind or self.cfg.reward.kind
+        with self.scorers_lock:
+            if kind not in self.scorers:
+                self.scorers[kind] = make_scorer(self.cfg.reward, kind)
+        scores = list(self.pool.map(self.scorers[kind], texts, truths))
         return sum(scores) / len(scores) if scores else 0.0
 
     def consume(self, rollouts, scored: list[ScoredGroup]) -> list[TrainBatch]:

@@ -7,16 +7,19 @@ here (no torch, no ray) so a bad key fails in well under a second.
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 SELECTORS = ("greso", "mopps", "dynamic_sampling", "none")
 ENGINES = ("auto", "vllm", "hf")
+REWARDS = ("math", "tiny")
+SET_NAME = re.compile(r"[A-Za-z0-9_.-]+")   # a set's name goes into metric keys: eval/<name>/accuracy
 
 
 class ConfigError(ValueError):
@@ -55,8 +58,6 @@ class TinySection:
 @dataclass
 class DataSection:
     train: str = "tiny"                # parquet (verl layout) / jsonl path / HF dataset name / "tiny"
-    eval: str = ""                     # held-out set path; "" with train=tiny = the tiny held-out split
-    eval_limit: Optional[int] = None   # evaluate on at most this many held-out prompts
     limit: Optional[int] = None        # use at most this many training rows
     max_prompt_tokens: int = 1024      # longer prompts are skipped and counted
     tiny: TinySection = field(default_factory=TinySection)
@@ -156,8 +157,19 @@ class TrainerSection:
 
 
 @dataclass
+class EvalSet:
+    name: str = ""                     # metric prefix eval/<name>/...; letters, digits, _ . -
+    path: str = ""                     # jsonl/parquet path or HF dataset name; "tiny" = the tiny held-out split
+    split: str = "test"                # HF dataset split (files have none)
+    limit: Optional[int] = None        # evaluate on at most this many prompts (None = all)
+    avg_k: int = 1                     # 1 = greedy only; k > 1 also logs avg@k of k samples at rollout.temperature
+    reward: str = ""                   # "" = reward.kind | math | tiny
+
+
+@dataclass
 class EvalSection:
     every: int = 25                    # evaluate every this many steps (0 = only at the end)
+    sets: List[EvalSet] = field(default_factory=list)  # held-out sets; eval/accuracy = the first set's greedy accuracy
 
 
 @dataclass
@@ -188,34 +200,41 @@ def load_config(argv: list[str]) -> DictConfig:
     for arg in overrides:
         if "=" not in arg:
             raise ConfigError(f"{arg}: expected key=value")
-    schema = OmegaConf.structured(Config)
-    for arg in overrides:
-        _check_key(schema, arg.split("=", 1)[0])
     try:
-        cfg = OmegaConf.merge(schema, OmegaConf.load(CONF_DIR / "base.yaml"), OmegaConf.load(path),
-                              OmegaConf.from_dotlist(overrides))
+        cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(CONF_DIR / "base.yaml"),
+                              OmegaConf.load(path))
     except OmegaConfBaseException as e:
         raise ConfigError(_one_line(e)) from None
+    for arg in overrides:
+        key = arg.split("=", 1)[0]
+        _check_key(cfg, key)
+        try:   # merge_with_dotlist, not a merged from_dotlist: `eval.sets.0.limit=8` edits one list item
+            cfg.merge_with_dotlist([arg])
+        except OmegaConfBaseException as e:   # an error inside a list item names the item's key only
+            why = _one_line(e)
+            raise ConfigError(why if why.startswith(key) else f"{key}: {why}") from None
     cfg.conf = name
     validate(cfg)
     return cfg
 
 
-def _check_key(schema: DictConfig, key: str) -> None:
-    """An override must name an existing key; suggest the closest one if it doesn't."""
-    node, path = schema, []
+def _check_key(cfg: DictConfig, key: str) -> None:
+    """An override must name an existing key (or list item); suggest the closest key if it doesn't."""
+    node, path = cfg, []
     for part in key.split("."):
-        if not isinstance(node, DictConfig) or part not in node:
+        if isinstance(node, ListConfig) and part.isdigit():
+            _check(int(part) < len(node), key, f"no item {part}: {'.'.join(path)} has {len(node)}")
+        elif not isinstance(node, DictConfig) or part not in node:
             known = list(node.keys()) if isinstance(node, DictConfig) else []
             near = difflib.get_close_matches(part, known, n=1)
             hint = f" (did you mean {'.'.join(path + near)}?)" if near else ""
             raise ConfigError(f"{key}: unknown key{hint}")
-        node, path = node[part], path + [part]
+        node, path = node[int(part) if isinstance(node, ListConfig) else part], path + [part]
 
 
 def _one_line(e: OmegaConfBaseException) -> str:
     """OmegaConf errors are multi-line; keep `full_key: first line of the reason`."""
-    key = getattr(e, "full_key", None) or "config"
+    key = (getattr(e, "full_key", None) or "config").replace("[", ".").replace("]", "")   # sets[0] -> sets.0
     reason = str(e).splitlines()[0].strip()
     if "not in struct" in reason or "Key '" in reason and "not" in reason:
         reason = "unknown key"
@@ -253,7 +272,7 @@ def validate(cfg: DictConfig) -> None:
     _check(r.request_size >= 1, "rollout.request_size", "must be >= 1")
     _check(r.sampling_batch >= t.batch_size, "rollout.sampling_batch",
            f"must be >= train.batch_size ({t.batch_size}), got {r.sampling_batch}")
-    _check(cfg.reward.kind in ("math", "tiny"), "reward.kind", "must be math or tiny")
+    _check(cfg.reward.kind in REWARDS, "reward.kind", "must be math or tiny")
     _check(cfg.reward.timeout_s > 0, "reward.timeout_s", "must be > 0")
     _check(t.num_workers >= 1, "train.num_workers", "must be >= 1")
     _check(t.batch_size >= 1, "train.batch_size", "must be >= 1")
@@ -276,6 +295,7 @@ def validate(cfg: DictConfig) -> None:
         _check(cfg.pipeline[key] >= 1, f"pipeline.{key}", "must be >= 1")
     _check(cfg.trainer.total_steps >= 1, "trainer.total_steps", "must be >= 1")
     _check(cfg.eval.every >= 0, "eval.every", "must be >= 0")
+    _check_eval_sets(cfg.eval.sets)
     _check(cfg.model.dtype in ("float32", "bfloat16"), "model.dtype", "must be float32 or bfloat16")
     _check_data(cfg)
 
@@ -286,11 +306,28 @@ def _check_data(cfg: DictConfig) -> None:
     _check(tiny == (cfg.model.path == "tiny"), "data.train",
            "the tiny task and the tiny model go together (model.path=tiny <=> data.train=tiny)")
     _check(not tiny or cfg.reward.kind == "tiny", "reward.kind", "data.train=tiny needs reward.kind=tiny")
-    for key in ("train", "eval"):
-        value = cfg.data[key]
+    keys = {"data.train": cfg.data.train, **{f"eval.sets.{i}.path": s.path for i, s in enumerate(cfg.eval.sets)}}
+    for key, value in keys.items():
         if _looks_like_path(value):
-            _check(Path(value).expanduser().exists(), f"data.{key}", f"file not found: {value}")
-    _check(bool(cfg.data.eval) or tiny, "data.eval", "set a held-out eval set (jsonl/parquet path or HF name)")
+            _check(Path(value).expanduser().exists(), key, f"file not found: {value}")
+    for i, s in enumerate(cfg.eval.sets):
+        _check(s.path != "tiny" or tiny, f"eval.sets.{i}.path", "tiny (the tiny held-out split) needs model.path=tiny")
+
+
+def _check_eval_sets(sets) -> None:
+    """Names become metric keys, so they must be unique and safe; every set needs a source."""
+    _check(len(sets) > 0, "eval.sets", "list at least one held-out set: [{name: ..., path: ...}]")
+    seen = set()
+    for i, s in enumerate(sets):
+        key = f"eval.sets.{i}"
+        _check(bool(SET_NAME.fullmatch(s.name)), f"{key}.name",
+               f"must be non-empty letters, digits, _ . - (it names the metrics), got {s.name!r}")
+        _check(s.name not in seen, f"{key}.name", f"duplicate set name {s.name!r}")
+        seen.add(s.name)
+        _check(bool(s.path), f"{key}.path", "set a jsonl/parquet path, an HF dataset name or tiny")
+        _check(s.limit is None or s.limit >= 1, f"{key}.limit", f"must be >= 1 or null (all), got {s.limit}")
+        _check(s.avg_k >= 1, f"{key}.avg_k", f"must be >= 1 (1 = greedy only), got {s.avg_k}")
+        _check(s.reward in ("", *REWARDS), f"{key}.reward", f"must be '' (= reward.kind), math or tiny, got {s.reward!r}")
 
 
 def _looks_like_path(value: str) -> bool:

