@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections import Counter
 
 import ray
 import torch
@@ -70,6 +71,8 @@ class Learner:
         metrics.update({"train/effective_groups": len(fresh), "train/dropped_stale": len(stale),
                         "train/response_len_mean": float(shard.response_len.mean()) if len(shard) else 0.0,
                         "staleness/mean": sum(lags) / len(lags), "staleness/max": max(lags)})
+        if fresh:  # groups trained at each lag: pipeline.report sums these into the staleness histogram
+            metrics.update({f"staleness/groups_{k}": n for k, n in sorted(Counter(lags).items())})
         return metrics, [g.group.ticket for g in fresh], [g.group.ticket for g in stale]
 
     def _all_reduce(self, num_micro: int, norm: float) -> tuple[int, float]:
