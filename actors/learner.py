@@ -69,6 +69,7 @@ class Learner:
         metrics["train/lr"] = self.scheduler.get_last_lr()[0]
         self.scheduler.step()          # once per batch: the lr is constant across its ppo_epochs
         metrics.update({"train/effective_groups": len(fresh), "train/dropped_stale": len(stale),
+                        "train/signal_groups": sum(not g.zero_variance for g in fresh),
                         "train/response_len_mean": float(shard.response_len.mean()) if len(shard) else 0.0,
                         "staleness/mean": sum(lags) / len(lags), "staleness/max": max(lags)})
         if fresh:  # groups trained at each lag: pipeline.report sums these into the staleness histogram

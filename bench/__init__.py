@@ -1,0 +1,1 @@
+"""Benchmarks that need no cluster: `python -m bench.replay`."""

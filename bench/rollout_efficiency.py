@@ -1,0 +1,167 @@
+"""Rollout efficiency: the same run once per selector, side by side, in one table.
+
+    python -m bench.rollout_efficiency --quick          # ~15 min on a 2-core CPU (conf=tiny)
+    python -m bench.rollout_efficiency                  # conf=tiny's full 1000 steps per selector
+    python -m bench.rollout_efficiency conf=qwen1.5b    # any config; key=value overrides pass through
+
+Every run has the same config and seed; only selector.name differs. Runs are sequential
+subprocesses of run.py (each with its own Ray), so they never compete for the CPUs. The
+table reads each run's metrics.jsonl:
+
+  rollouts       samples generated for training (kept, filtered or dropped stale); probe
+                 samples (rolled out only to measure the skip predictor) in their own column
+  per group      rollouts / groups trained on that had a learning signal
+  wasted         share of rollouts in zero-variance groups
+  stale          share of rollouts dropped because they grew too old
+  gen s          generator-seconds spent sampling (time/generate summed)
+  wall s         the run.py process, start to exit (includes Ray start and evaluation)
+  accuracy       final held-out accuracy (eval/accuracy)
+
+then ratio lines against dynamic sampling (DAPO), the baseline GRESO is measured against,
+and one HTML report over all runs (pipeline.report).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SELECTORS = ("none", "dynamic_sampling", "greso", "mopps")
+QUICK_STEPS = 400
+
+
+def summarize(run_dir: Path, wall_s: float | None = None) -> dict:
+    """One table row from a finished run's metrics.jsonl."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    steps = [r for r in rows if "train/loss" in r]
+    if not steps:
+        raise SystemExit(f"{run_dir}: no training steps in metrics.jsonl")
+    samples = sum(r.get("rollout/samples", 0) for r in steps)
+    groups = sum(r.get("rollout/groups", 0) for r in steps)
+    zero_var = sum(r.get("rollout/zero_variance_ratio", 0) * r.get("rollout/groups", 0) for r in steps)
+    signal = sum(r.get("train/signal_groups", r.get("train/effective_groups", 0)) for r in steps)
+    ledger = steps[-1]
+    evals = [r for r in rows if "eval/accuracy" in r]
+    return {"selector": _selector_name(run_dir), "steps": len(steps), "rollouts": samples,
+            "probe_rollouts": sum(r.get("rollout/probe_samples", 0) for r in steps),
+            "per_group": samples / signal if signal else float("inf"),
+            "wasted": zero_var / groups if groups else 0.0,
+            "stale": ledger.get("ledger/dropped_stale", 0) / ledger["ledger/issued"] if ledger.get("ledger/issued") else 0.0,
+            "gen_s": sum(r.get("time/generate", 0.0) for r in steps),
+            "train_loop_s": sum(r.get("time/step", 0.0) for r in steps),
+            "wall_s": wall_s, "accuracy": evals[-1]["eval/accuracy"] if evals else None,
+            "initial_accuracy": evals[0]["eval/accuracy"] if evals else None,
+            "false_skip_rate": ledger.get("selector/false_skip_rate"), "run_dir": str(run_dir)}
+
+
+def _selector_name(run_dir: Path) -> str:
+    from omegaconf import OmegaConf
+    cfg_path = run_dir / "config.yaml"
+    return OmegaConf.load(cfg_path).selector.name if cfg_path.exists() else run_dir.name
+
+
+def table(rows: list[dict]) -> str:
+    head = (f"{'selector':<17}{'steps':>6}{'rollouts':>10}{'probe':>7}{'per group':>10}{'wasted':>8}"
+            f"{'stale':>7}{'gen s':>8}{'wall s':>8}{'accuracy':>9}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        wall = f"{r['wall_s']:.0f}" if r["wall_s"] is not None else "-"
+        acc = f"{r['accuracy']:.3f}" if r["accuracy"] is not None else "-"
+        lines.append(f"{r['selector']:<17}{r['steps']:>6}{r['rollouts']:>10,}{r['probe_rollouts']:>7,}"
+                     f"{r['per_group']:>10.2f}{r['wasted']:>8.1%}{r['stale']:>7.1%}{r['gen_s']:>8.0f}"
+                     f"{wall:>8}{acc:>9}")
+    return "\n".join(lines)
+
+
+def ratios(rows: list[dict], baseline: str = "dynamic_sampling") -> list[str]:
+    """`greso vs dynamic_sampling: rollouts x0.NN, generation time x0.NN, accuracy +N.N pts`."""
+    by = {r["selector"]: r for r in rows}
+    base = by.get(baseline)
+    if base is None:
+        return []
+    out = []
+    for r in rows:
+        if r["selector"] == baseline:
+            continue
+        parts = [f"rollouts x{r['rollouts'] / base['rollouts']:.2f}"
+                 + (f" (x{(r['rollouts'] + r['probe_rollouts']) / base['rollouts']:.2f} with probes)"
+                    if r["probe_rollouts"] else ""),
+                 f"generation time x{r['gen_s'] / base['gen_s']:.2f}"]
+        if r["wall_s"] and base["wall_s"]:
+            parts.append(f"wall-clock x{r['wall_s'] / base['wall_s']:.2f}")
+        if r["accuracy"] is not None and base["accuracy"] is not None:
+            parts.append(f"accuracy {100 * (r['accuracy'] - base['accuracy']):+.1f} pts")
+        out.append(f"{r['selector']} vs {baseline}: " + ", ".join(parts))
+    return out
+
+
+def run_one(selector: str, out: Path, overrides: list[str]) -> dict:
+    run_dir = out / selector
+    cmd = [sys.executable, str(ROOT / "run.py"), *overrides, f"selector.name={selector}", f"run.dir={run_dir}",
+           f"run.name={selector}", "ray.dashboard=false"]
+    print(f"[{time.strftime('%H:%M:%S')}] {selector}: {' '.join(cmd[1:])}", flush=True)
+    t0 = time.perf_counter()
+    with open(out / f"{selector}.log", "w") as log:
+        rc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
+    wall = time.perf_counter() - t0
+    if rc != 0:
+        raise SystemExit(f"{selector}: run.py exited {rc}; see {out / f'{selector}.log'}")
+    row = summarize(run_dir, wall)
+    print(f"[{time.strftime('%H:%M:%S')}] {selector}: {row['steps']} steps in {wall:.0f} s, "
+          f"{row['rollouts']:,} rollouts, accuracy {row['accuracy']:.3f}", flush=True)
+    return row
+
+
+def prepare(overrides: list[str]) -> None:
+    """Build the (tiny) world once up front so no timed run pays for the warm start."""
+    from pipeline.config import load_config
+    from pipeline.world import load_world
+    load_world(load_config(overrides))
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help=f"{QUICK_STEPS} steps per selector (~15 min on 2 CPUs)")
+    ap.add_argument("--steps", type=int, help="trainer.total_steps per run (default: the config's)")
+    ap.add_argument("--selectors", default=",".join(SELECTORS), help="comma-separated selector names")
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_rollout_efficiency")
+    ap.add_argument("--summarize", action="store_true", help="only re-read finished runs under --out")
+    ap.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. conf=tiny seed=1")
+    args = ap.parse_args(argv)
+    overrides = list(args.overrides)
+    if not any(o.startswith("conf=") for o in overrides):
+        overrides.insert(0, "conf=tiny")
+    steps = args.steps or (QUICK_STEPS if args.quick else None)
+    if steps:
+        overrides.append(f"trainer.total_steps={steps}")
+    selectors = [s for s in args.selectors.split(",") if s]
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    print("rollout efficiency: same config and seed, one run per selector:", ", ".join(selectors))
+    print("overrides:", " ".join(overrides))
+    if args.summarize:
+        rows = [summarize(args.out / s) for s in selectors if (args.out / s / "metrics.jsonl").exists()]
+    else:
+        prepare(overrides)
+        rows = [run_one(s, args.out, overrides) for s in selectors]
+    print()
+    print(table(rows))
+    print()
+    for line in ratios(rows):
+        print(line)
+    (args.out / "summary.json").write_text(json.dumps(rows, indent=1))
+    try:
+        from pipeline.report import build_report
+        html = build_report([Path(r["run_dir"]) for r in rows], args.out)
+        print(f"\nreport: {html}")
+    except ImportError as e:
+        print(f"\n(no report: {e})")
+
+
+if __name__ == "__main__":
+    main()
