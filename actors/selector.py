@@ -140,7 +140,8 @@ class PromptSelector:
                     w["train_rate_n"] += 1
             groups = w[EASY] + w[HARD] + w["mixed"]
             easy, hard = (w[EASY] / groups, w[HARD] / groups) if groups else (0.0, 0.0)
-            self.selector.end_step(easy, hard)
+            if groups:   # a step that rolled nothing out says nothing about p_easy / p_hard
+                self.selector.end_step(easy, hard)
             snapshot = self._snapshot(w, groups, easy, hard)
             self.window = Counter()
             return snapshot

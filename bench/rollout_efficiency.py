@@ -24,22 +24,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from bench.runs import ROOT, prepare, read_rows, run_config, with_conf
+
 SELECTORS = ("none", "dynamic_sampling", "greso", "mopps")
 QUICK_STEPS = 400
 
 
 def summarize(run_dir: Path, wall_s: float | None = None) -> dict:
     """One table row from a finished run's metrics.jsonl."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    steps = [r for r in rows if "train/loss" in r]
-    if not steps:
-        raise SystemExit(f"{run_dir}: no training steps in metrics.jsonl")
+    rows, steps = read_rows(run_dir)
     samples = sum(r.get("rollout/samples", 0) for r in steps)
     groups = sum(r.get("rollout/groups", 0) for r in steps)
     zero_var = sum(r.get("rollout/zero_variance_ratio", 0) * r.get("rollout/groups", 0) for r in steps)
@@ -100,27 +96,11 @@ def ratios(rows: list[dict], baseline: str = "dynamic_sampling") -> list[str]:
 
 
 def run_one(selector: str, out: Path, overrides: list[str]) -> dict:
-    run_dir = out / selector
-    cmd = [sys.executable, str(ROOT / "run.py"), *overrides, f"selector.name={selector}", f"run.dir={run_dir}",
-           f"run.name={selector}", "ray.dashboard=false"]
-    print(f"[{time.strftime('%H:%M:%S')}] {selector}: {' '.join(cmd[1:])}", flush=True)
-    t0 = time.perf_counter()
-    with open(out / f"{selector}.log", "w") as log:
-        rc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
-    wall = time.perf_counter() - t0
-    if rc != 0:
-        raise SystemExit(f"{selector}: run.py exited {rc}; see {out / f'{selector}.log'}")
+    run_dir, wall = run_config(selector, out, [*overrides, f"selector.name={selector}"])
     row = summarize(run_dir, wall)
     print(f"[{time.strftime('%H:%M:%S')}] {selector}: {row['steps']} steps in {wall:.0f} s, "
           f"{row['rollouts']:,} rollouts, accuracy {row['accuracy']:.3f}", flush=True)
     return row
-
-
-def prepare(overrides: list[str]) -> None:
-    """Build the (tiny) world once up front so no timed run pays for the warm start."""
-    from pipeline.config import load_config
-    from pipeline.world import load_world
-    load_world(load_config(overrides))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -133,12 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--summarize", action="store_true", help="only re-read finished runs under --out")
     ap.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. conf=tiny seed=1")
     args = ap.parse_args(argv)
-    overrides = list(args.overrides)
-    if not any(o.startswith("conf=") for o in overrides):
-        overrides.insert(0, "conf=tiny")
-    steps = args.steps or (QUICK_STEPS if args.quick else None)
-    if steps:
-        overrides.append(f"trainer.total_steps={steps}")
+    overrides = with_conf(args.overrides, args.steps or (QUICK_STEPS if args.quick else None))
     selectors = [s for s in args.selectors.split(",") if s]
     args.out.mkdir(parents=True, exist_ok=True)
 
