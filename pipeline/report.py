@@ -324,7 +324,7 @@ def plot_false_skip(runs):
 
 def plot_difficulty(runs):
     keys = [("rollout/difficulty_mean", "-"), ("train/difficulty_mean", "--")]
-    return line_figure(runs, [Panel(keys, "mean prompt difficulty", smooth=True)], width=10)
+    return line_figure(runs, [Panel(keys, "mean past solve rate (higher = easier)", smooth=True)], width=10)
 
 
 # (file stem, heading, what it shows / which keys it needs, plot function)
@@ -340,8 +340,8 @@ PLOTS = [
     ("staleness", "Staleness", "share of trained groups per lag (staleness/groups_k), or else a histogram "
      "of staleness/mean per step", plot_staleness),
     ("false_skip", "False skips", "selector/false_skip_rate", plot_false_skip),
-    ("difficulty", "Difficulty", "rollout/difficulty_mean (solid) vs train/difficulty_mean (dashed)",
-     plot_difficulty),
+    ("difficulty", "Difficulty bias", "mean past solve rate of the prompts rolled out "
+     "(rollout/difficulty_mean, solid) vs trained on (train/difficulty_mean, dashed)", plot_difficulty),
 ]
 
 
