@@ -1,1 +1,1 @@
-"""Benchmarks that need no cluster: `python -m bench.replay`."""
+"""Benchmarks, each run as `python -m bench.<name>`; bench.replay needs no cluster and no GPU."""
