@@ -281,19 +281,15 @@ class Picked:
 def pick(selector: Selector, cursor: DataCursor, uids: Sequence[str], n: int) -> Picked:
     """Walk the cursor until `n` prompts are kept; every skip is counted by its reason.
 
-    A skipped prompt becomes a probe with probability selector.cfg.probe_fraction.
+    Probes: about probe_fraction x n of this pass's skips, drawn uniformly among them, are
+    rolled out anyway. The budget follows the prompts kept, not the skips: late in
+    training GRESO skips many candidates per prompt kept, and a share of skips would
+    turn into a rollout bill as large as the savings (measured in bench.replay).
     The keep floor (0.01) guarantees GRESO progress, but a data set made only of long
     streaks could still take many candidates; after 100 passes over the data we stop
     skipping rather than spin.
     """
-    picked = Picked([], {EASY: 0, HARD: 0})
-    probe_fraction = getattr(selector.cfg, "probe_fraction", 0.0)
-
-    def skip(i: int, why: str) -> None:
-        picked.skipped[why] += 1
-        if probe_fraction and selector.rng.random() < probe_fraction:
-            picked.probes.append((i, why))
-
+    picked, skips = Picked([], {EASY: 0, HARD: 0}), []
     if selector.ranked and n > 0:
         pool = [cursor.next() for _ in range(min(math.ceil(n * selector.cfg.mopps_pool), max(n, cursor.size)))]
         decisions = zip(pool, selector.rank([uids[i] for i in pool], n))
@@ -303,7 +299,12 @@ def pick(selector: Selector, cursor: DataCursor, uids: Sequence[str], n: int) ->
         if why is None:
             picked.indices.append(i)
         else:
-            skip(i, why)
+            picked.skipped[why] += 1
+            skips.append((i, why))
+    probe_fraction = getattr(selector.cfg, "probe_fraction", 0.0)
+    if probe_fraction and skips:
+        k = min(len(skips), int(selector.rng.binomial(n, probe_fraction)))
+        picked.probes = [skips[j] for j in sorted(selector.rng.choice(len(skips), k, replace=False))]
     return picked
 
 
