@@ -247,6 +247,8 @@ def plot_reward(runs):
 
 def plot_eval(runs):
     names = sorted({k for r in runs for k in eval_keys(r.rows)})
+    if any(k.count("/") == 2 for k in names):   # eval/accuracy repeats the first named set: draw it once
+        names = [k for k in names if k != "eval/accuracy"]
     keys = [(k, STYLES[j % len(STYLES)]) for j, k in enumerate(names)]
     return line_figure(runs, [Panel(keys, "eval accuracy"),
                               Panel(keys, "eval accuracy", TOTAL, "cumulative rollouts")], marker=True)
