@@ -86,7 +86,9 @@ def run_labels(dirs: list[Path], configs: list[dict]) -> list[str]:
     """'<run.name> · <selector.name>' from config.yaml; dir names where those are missing or clash (seeds)."""
     def named(d: Path, c: dict) -> str:
         name, sel = (c.get("run") or {}).get("name"), (c.get("selector") or {}).get("name")
-        return f"{name} · {sel}" if name and sel else d.name
+        if name and sel:
+            return name if name == sel else f"{name} · {sel}"
+        return d.name
     labels = [named(d, c) for d, c in zip(dirs, configs)]
     for fallback in (lambda d: d.name, str):
         if len(set(labels)) < len(labels):
