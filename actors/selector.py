@@ -182,7 +182,7 @@ class PromptSelector:
     def state_dict(self) -> dict:
         with self.lock:
             return {"selector": self.selector.state_dict(), "cursor": self.cursor.state_dict(),
-                    "ledger": self.ledger.state_dict(), "version": self.version}
+                    "ledger": self.ledger.state_dict(), "version": self.version, "probes": dict(self.probes)}
 
     def load_state_dict(self, state: dict) -> None:
         with self.lock:
@@ -190,3 +190,4 @@ class PromptSelector:
             self.cursor = DataCursor.from_state(state["cursor"])
             self.ledger.load_state_dict(state["ledger"])
             self.version = state["version"]
+            self.probes = Counter(state.get("probes", {}))
