@@ -18,7 +18,9 @@ STEP_KEYS = {"step", "policy_version", "time/step", "time/generate", "time/train
              "selector/p_easy", "selector/p_hard", "train/effective_groups", "train/dropped_stale",
              "train/loss", "train/grad_norm", "rollout/total_samples", "staleness/mean", "staleness/max",
              "rollout/tokens_per_s", "time/weight_sync", "ledger/issued", "ledger/trained", "ledger/filtered",
-             "ledger/dropped_stale", "ledger/carried", "ledger/in_flight"}
+             "ledger/dropped_stale", "ledger/carried", "ledger/in_flight", "selector/false_skip_rate",
+             "selector/probes", "rollout/probe_samples", "rollout/difficulty_mean", "train/difficulty_mean",
+             "rollout/response_len_mean", "train/response_len_mean", "train/signal_groups"}
 MATH500 = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "math500.jsonl"
 LEDGER = ["ledger/trained", "ledger/filtered", "ledger/dropped_stale", "ledger/carried", "ledger/in_flight"]
 
@@ -32,7 +34,7 @@ def train(tmp_path, tiny_cache, *overrides) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("selector", ["greso", "dynamic_sampling", "none"])
+@pytest.mark.parametrize("selector", ["greso", "mopps", "dynamic_sampling", "none"])
 def test_each_selector_writes_the_metrics_contract(tmp_path, tiny_cache, selector):
     rows = train(tmp_path, tiny_cache, f"selector.name={selector}")
     assert rows[0]["step"] == 0 and 0 <= rows[0]["eval/accuracy"] <= 1       # the initial policy
