@@ -376,7 +376,7 @@ def summary_table(runs: list[Run]) -> str:
         f'<br><span class="note">{html.escape(str(r.dir))}</span></td>'
         + "".join(f"<td>{fmt(s.get(c))}</td>" for c in cols) + "</tr>"
         for i, (r, s) in enumerate(zip(runs, rows)))
-    return f"<table><tr>{head}</tr>{body}</table>"
+    return f"<div style=\"overflow-x:auto\"><table><tr>{head}</tr>{body}</table></div>"  # wide: scroll, not clip
 
 
 def build_report(run_dirs: list[Path], out_dir: Path) -> Path:
