@@ -51,7 +51,8 @@ def summarize(run_dir: Path, wall_s: float | None = None) -> dict:
             "probe_rollouts": sum(r.get("rollout/probe_samples", 0) for r in steps),
             "per_group": samples / signal if signal else float("inf"),
             "wasted": zero_var / groups if groups else 0.0,
-            "stale": ledger.get("ledger/dropped_stale", 0) / ledger["ledger/issued"] if ledger.get("ledger/issued") else 0.0,
+            "stale": ledger.get("ledger/dropped_stale", 0) / ledger["ledger/issued"]
+            if ledger.get("ledger/issued") else 0.0,
             "gen_s": sum(r.get("time/generate", 0.0) for r in steps),
             "train_loop_s": sum(r.get("time/step", 0.0) for r in steps),
             "wall_s": wall_s, "accuracy": evals[-1]["eval/accuracy"] if evals else None,

@@ -74,9 +74,9 @@ class SelectorSection:
     p_max: float = 0.95                # controller upper bound
     keep_floor: float = 0.01           # a prompt is kept with probability at least this
     oversample: float = 1.25           # adaptive size = ceil(k / (1 - zvr) * oversample)
-    probe_fraction: float = 0.02       # probes per prompt kept: skipped prompts rolled out anyway (never trained on) to measure false skips
+    probe_fraction: float = 0.02       # probes per prompt kept: skips rolled out anyway, never trained on
     mopps_decay: float = 1.0           # MoPPS λ: posterior decays toward the Beta(1,1) prior each update; 1 = no decay
-    mopps_mode: str = "closest"        # closest: keep the sampled rates nearest mopps_target | band: keep rates inside [band_low, band_high]
+    mopps_mode: str = "closest"        # closest: sampled rates nearest mopps_target | band: rates in the band
     mopps_target: float = 0.5          # MoPPS target success rate (closest mode)
     mopps_pool: float = 2.0            # closest mode: Thompson-sample this many candidates per prompt kept
     mopps_band_low: float = 0.25       # band mode: lowest sampled rate kept
