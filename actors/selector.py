@@ -63,10 +63,7 @@ class PromptSelector:
         indices = picked.indices + [i for i, _ in picked.probes]
         tickets = self.ledger.issue(len(indices))
         for t, i in zip(tickets, picked.indices):
-            self.prior_rate[t] = rate = self.selector.solve_rate(self.uids[i])
-            if rate is not None:
-                self.window["rollout_rate_sum"] += rate
-                self.window["rollout_rate_n"] += 1
+            self.prior_rate[t] = self._count_rate("rollout", self.selector.solve_rate(self.uids[i]))
         for t, (_, why) in zip(tickets[n:], picked.probes):
             self.probe_why[t] = why
         probe = (False,) * n + (True,) * len(picked.probes)
@@ -110,7 +107,7 @@ class PromptSelector:
                     self.window["probe_samples"] += len(r["rewards"])
                     continue
                 if r["fate"] == "filtered":
-                    self.prior_rate.pop(r["ticket"], None)
+                    self._retire([r["ticket"]])
                 self.recent_zv.append(kind != "mixed")
                 self.window[kind] += 1
                 self.window["samples"] += len(r["rewards"])
@@ -119,8 +116,7 @@ class PromptSelector:
             for queued, stale in batches:
                 self.ledger.move(stale, "dropped_stale")
                 self.ledger.move(queued, "queued")
-                for t in stale:
-                    self.prior_rate.pop(t, None)
+                self._retire(stale)
             self.window["gen_seconds"] += gen_seconds
             self.window["sync_seconds"] += sync_seconds
             self.window["tokens"] += tokens
@@ -131,13 +127,9 @@ class PromptSelector:
             self.ledger.move(trained, "trained")
             self.ledger.move(stale, "dropped_stale")
             self.version = version
+            self._retire(stale)
+            self._retire(trained, into="train")
             w = self.window
-            for t in stale:
-                self.prior_rate.pop(t, None)
-            for rate in (self.prior_rate.pop(t, None) for t in trained):
-                if rate is not None:
-                    w["train_rate_sum"] += rate
-                    w["train_rate_n"] += 1
             groups = w[EASY] + w[HARD] + w["mixed"]
             easy, hard = (w[EASY] / groups, w[HARD] / groups) if groups else (0.0, 0.0)
             if groups:   # a step that rolled nothing out says nothing about p_easy / p_hard
@@ -145,6 +137,21 @@ class PromptSelector:
             snapshot = self._snapshot(w, groups, easy, hard)
             self.window = Counter()
             return snapshot
+
+    def _count_rate(self, key: str, rate: float | None) -> float | None:
+        """Add a prompt's issue-time solve rate to this window's `key` mean (rates are None
+        for prompts without history)."""
+        if rate is not None:
+            self.window[f"{key}_rate_sum"] += rate
+            self.window[f"{key}_rate_n"] += 1
+        return rate
+
+    def _retire(self, tickets, into: str | None = None) -> None:
+        """Tickets reached a final fate: forget their issue-time solve rate, counting it `into`."""
+        for t in tickets:
+            rate = self.prior_rate.pop(t, None)
+            if into:
+                self._count_rate(into, rate)
 
     def _snapshot(self, w: Counter, groups: int, easy: float, hard: float) -> dict:
         p = getattr(self.selector, "p", {})
