@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 from bench.runs import ROOT, prepare, read_rows, run_config, with_conf
+from pipeline.runlog import read_config
 
 SELECTORS = ("none", "dynamic_sampling", "greso", "mopps")
 QUICK_STEPS = 400
@@ -61,9 +62,7 @@ def summarize(run_dir: Path, wall_s: float | None = None) -> dict:
 
 
 def _selector_name(run_dir: Path) -> str:
-    from omegaconf import OmegaConf
-    cfg_path = run_dir / "config.yaml"
-    return OmegaConf.load(cfg_path).selector.name if cfg_path.exists() else run_dir.name
+    return (read_config(run_dir).get("selector") or {}).get("name") or run_dir.name
 
 
 def table(rows: list[dict]) -> str:

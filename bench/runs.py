@@ -1,7 +1,6 @@
 """Shared by the benchmarks: run run.py once as a subprocess and read its metrics.jsonl."""
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
@@ -29,11 +28,9 @@ def run_config(name: str, out: Path, overrides: list[str]) -> tuple[Path, float]
 
 
 def read_rows(run_dir: Path) -> tuple[list[dict], list[dict]]:
-    """(all rows, training-step rows) of a run's metrics.jsonl."""
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        raise SystemExit(f"{run_dir}: no metrics.jsonl")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """(all rows, training-step rows) of a run's metrics.jsonl (read by pipeline.runlog)."""
+    from pipeline.runlog import read_rows as rows_of
+    rows = rows_of(run_dir)
     steps = [r for r in rows if "train/loss" in r]
     if not steps:
         raise SystemExit(f"{run_dir}: no training steps in metrics.jsonl")

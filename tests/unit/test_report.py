@@ -5,8 +5,8 @@ import re
 
 import pytest
 
-from pipeline.report import (build_report, lag_counts, main, moving_average, read_rows, run_labels, series,
-                             summary)
+from pipeline.report import build_report, main, run_labels
+from pipeline.runlog import lag_counts, moving_average, read_rows, series, summary
 
 PROMISED = {"reward", "eval", "zero_variance", "selector", "rollouts", "time", "staleness"}
 
