@@ -25,8 +25,16 @@ def main(argv: list[str]) -> int:
         return 0
     import logging
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    from pipeline.checkpoint import ResumeError
     from pipeline.driver import run
-    run_dir = run(cfg)
+    try:
+        run_dir = run(cfg)
+    except ResumeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:   # a second Ctrl-C: the run's own processes are already shut down
+        print(f"interrupted: {e or 'exiting'}", file=sys.stderr)
+        return 130
     print(f"run directory: {run_dir}")
     return 0
 

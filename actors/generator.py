@@ -24,12 +24,12 @@ class Rollouts:
 
 class Generator:
     def __init__(self, cfg, model_dir: str, tokenizer_dir: str, store, prompt_q=None, rollout_q=None,
-                 index: int = 0, engine=None):
+                 index: int = 0, engine=None, version: int = 0):
         import torch
         torch.set_num_threads(max(1, int(cfg.rollout.num_cpus)))
         self.cfg, self.store, self.prompt_q, self.rollout_q, self.index = cfg, store, prompt_q, rollout_q, index
         self.engine = engine or make_engine(cfg.rollout.engine, model_dir, tokenizer_dir, cfg=cfg)
-        self.version, self.requests, self.stopped = 0, 0, False
+        self.version, self.requests, self.stopped = version, 0, False   # version: what model_dir holds
         self.lock = threading.Lock()          # one engine: evaluation and rollout take turns
         self.sync_seconds = 0.0
 
@@ -48,7 +48,7 @@ class Generator:
     def generate(self, req: Request) -> Rollouts:
         r = self.cfg.rollout
         sampling = SamplingConfig(n=r.n, temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
-                                  seed=hash((self.cfg.run.seed, self.index, self.requests)) % 2**31)
+                                  seed=hash((self.cfg.run.seed, self.index, self.version, self.requests)) % 2**31)
         with self.lock:
             synced = self.sync_seconds
             self.sync_weights(req.min_version)

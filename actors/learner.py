@@ -110,9 +110,11 @@ def train_loop_per_worker(config: dict) -> None:
                        device=ray.train.torch.get_device(), dtype=cfg.model.dtype,
                        gradient_checkpointing=cfg.train.gradient_checkpointing, world_size=world)
     learner = Learner(cfg, model, rank=rank, world_size=world, pad_id=config["pad_id"])
+    saver = Saver(cfg, config, learner, rank)
+    saver.restore()
     store, selector, train_q, metrics_q = (config[k] for k in ("store", "selector", "train_q", "metrics_q"))
     last = time.perf_counter()
-    for step in range(1, cfg.trainer.total_steps + 1):
+    for step in range(learner.version + 1, cfg.trainer.total_steps + 1):
         t0 = time.perf_counter()
         # rank 0 pulls the batch and broadcasts the data itself: an ObjectRef pickled through
         # torch.distributed loses its owner and ray.get on rank 1 hangs (seen with 2 workers)
@@ -124,12 +126,92 @@ def train_loop_per_worker(config: dict) -> None:
         metrics, trained, stale = learner.step(batch)
         t2 = time.perf_counter()
         state = learner.state_dict_for_publish()  # a collective under FSDP: every rank gathers
+        row = {}
         if rank == 0:
             weights = ray.get(store.publish.remote(learner.version, state))
-            snapshot = ray.get(selector.settle.remote(learner.version, trained, stale))
+            row = {**ray.get(selector.settle.remote(learner.version, trained, stale)), **metrics}
             now = time.perf_counter()
-            metrics.update({"step": step, "policy_version": learner.version, "time/wait_learner": t1 - t0,
-                            "time/train": t2 - t1, "time/weight_publish": now - t2, "time/step": now - last,
-                            "weights": weights})
+            row.update({"step": step, "policy_version": learner.version, "time/wait_learner": t1 - t0,
+                        "time/train": t2 - t1, "time/weight_publish": now - t2, "time/step": now - last})
             last = now
-            metrics_q.put({**snapshot, **metrics})
+        stop = row.pop("control/stop", False)
+        decision = [saver.due(step) or stop, stop]   # rank 0 decides; every rank saves (FSDP gathers)
+        if world > 1:
+            dist.broadcast_object_list(decision, src=0)
+        if decision[0]:
+            t3 = time.perf_counter()
+            saver.save(step, row)
+            row["time/checkpoint"] = time.perf_counter() - t3
+        if rank == 0:
+            metrics_q.put({**row, "weights": weights, "stopping": decision[1]})
+        if decision[1]:
+            return
+
+
+class Saver:
+    """The learner's checkpoints: when they are due, writing one at one policy version, restoring one.
+
+    Rank 0 gathers the policy (HF format), every rank writes its learner state, rank 0 adds the
+    pipeline state (asked of the rewarder, which holds its own carried groups and asks the
+    selector, so the two are one consistent cut) and the metrics row, then commits: manifest,
+    rename. The committed directory is reported to Ray Train as this step's checkpoint (an
+    upload function that leaves it in place: ray/train/v2/_internal/execution/context.py calls
+    it instead of copying), so `ray.train.get_checkpoint()` and Ray Train's pruning
+    (CheckpointConfig.num_to_keep = trainer.keep_checkpoints) see the same directories.
+    """
+
+    def __init__(self, cfg, config: dict, learner: Learner, rank: int):
+        from pathlib import Path
+        self.cfg, self.learner, self.rank = cfg, learner, rank
+        self.run_dir = Path(config["run_dir"])
+        self.resume_from = config.get("resume_from")
+        self.tokenizer_dir, self.rewarder = config["tokenizer_dir"], config["rewarder"]
+
+    def due(self, step: int) -> bool:
+        every = self.cfg.trainer.save_every
+        return step == self.cfg.trainer.total_steps or bool(every and step % every == 0)
+
+    def restore(self) -> None:
+        """Load the checkpoint this run resumes from (the driver's choice; Ray Train's own
+        restore points at the same directory unless its newest lost its manifest)."""
+        import logging
+        from pathlib import Path
+        import ray.train
+        from pipeline.checkpoint import read_manifest
+        from pipeline.learner_state import load_learner
+        ckpt = ray.train.get_checkpoint()
+        path = Path(self.resume_from) if self.resume_from else (Path(ckpt.path) if ckpt else None)
+        if path is None:
+            return
+        if ckpt and Path(ckpt.path).resolve() != path.resolve() and self.rank == 0:
+            logging.getLogger(__name__).warning("Ray Train's latest checkpoint %s is not the one resumed "
+                                                "from (%s): using the latter", ckpt.path, path)
+        load_learner(path / "learner", self.learner.model, self.learner.optimizer, self.learner.scheduler,
+                     rank=self.rank)
+        self.learner.version = read_manifest(path)["step"]
+
+    def save(self, step: int, row: dict) -> None:
+        import ray.train
+        from pipeline import checkpoint as ck
+        from pipeline.learner_state import save_learner, save_policy
+        final = ck.step_dir(self.run_dir, step)
+        tmp = final.with_name(final.name + ".tmp")
+        state = full_state_dict(self.learner.model)   # collective under FSDP2; the full weights on rank 0
+        save_learner(tmp / "learner", self.learner.model, self.learner.optimizer, self.learner.scheduler,
+                     rank=self.rank)
+        if self.rank == 0:
+            save_policy(tmp / "policy", self.learner.unwrapped(), state, self.cfg.model.dtype, self.tokenizer_dir)
+        if dist.is_initialized():
+            dist.barrier()   # every rank's learner files are in tmp before rank 0 commits
+        checkpoint = None
+        if self.rank == 0:
+            from omegaconf import OmegaConf
+            pipeline_state = ray.get(self.rewarder.checkpoint_state.remote())
+            ck.write_json(tmp / "pipeline.json", {**pipeline_state, "version": self.learner.version,
+                                                  "row": {k: v for k, v in row.items() if k != "weights"}})
+            ck.commit(tmp, final, step=step, config=OmegaConf.to_container(self.cfg))
+            if step == self.cfg.trainer.total_steps:
+                ck.export_final(final / "policy", self.run_dir / "final")
+            checkpoint = ray.train.Checkpoint.from_directory(str(final))
+        ray.train.report({"step": step}, checkpoint=checkpoint, checkpoint_dir_name=final.name,
+                         checkpoint_upload_fn=(lambda c, _name: c) if checkpoint else None)

@@ -38,6 +38,7 @@ class Rewarder:
         self.pool = ThreadPoolExecutor(cfg.reward.num_threads)
         post_filter = SELECTORS[cfg.selector.name].post_filter
         self.acc = Accumulator(cfg.train.batch_size, post_filter=post_filter)
+        self.consume_lock = threading.Lock()   # a checkpoint's cut: no group between acc and ledger
         self.stopped = False
 
     def grade(self, groups) -> list[ScoredGroup]:
@@ -89,7 +90,9 @@ class Rewarder:
                 pass
             while pending and pending[0][1].done():
                 rollouts, fut = pending.popleft()
-                for batch in self.consume(rollouts, fut.result()):
+                with self.consume_lock:
+                    batches = self.consume(rollouts, fut.result())
+                for batch in batches:
                     self._put_batch(batch)
             if pending and not pending[0][1].done():
                 time.sleep(0.005)
@@ -106,6 +109,21 @@ class Rewarder:
     def _call(self, method, *args):
         """Actor handles in Ray (waited for), plain objects in unit tests."""
         return ray.get(method.remote(*args)) if hasattr(method, "remote") else method(*args)
+
+    def checkpoint_state(self) -> dict:
+        """The selector's state and our carried groups, at one instant: while we hold the lock no
+        group is between the accumulator and the ledger, so `carried` tickets are exactly these."""
+        from pipeline.checkpoint import encode_group
+        with self.consume_lock:
+            return {"selector": self._call(self.selector.state_dict),
+                    "carried": [encode_group(g) for g in self.acc.waiting]}
+
+    def restore(self, carried: list[dict], version: int) -> None:
+        """Carried groups from a checkpoint wait again, as they were; the next batch is version + 1."""
+        from pipeline.checkpoint import decode_group
+        with self.consume_lock:
+            self.acc.waiting.extend(decode_group(g) for g in carried)
+            self.acc.batches_emitted = version
 
     def stop(self) -> None:
         self.stopped = True

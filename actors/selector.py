@@ -19,7 +19,7 @@ from queue import Full
 import numpy as np
 
 from pipeline.batching import Ledger, rollout_demand
-from pipeline.selection import EASY, HARD, DataCursor, classify, make_selector, pick
+from pipeline.selection import EASY, HARD, DataCursor, Picked, classify, make_selector, pick
 from pipeline.types import Prompt, Request
 
 
@@ -39,8 +39,10 @@ class PromptSelector:
         self.prior_rate: dict[int, float | None] = {}    # ticket -> solve rate known when it was issued
         self.probe_why: dict[int, str] = {}              # probe ticket -> why its prompt was skipped
         self.pending: deque[Request] = deque()           # issued requests the queue had no room for
+        self.reissue: deque[tuple[int, str | None]] = deque()  # (prompt index, probe why) of lost work
+        self.restored: set[int] = set()                  # carried tickets restored from a checkpoint
         self.lock = threading.Lock()
-        self.stopped = False
+        self.stopped = self.stop_requested = False
 
     # --- issuing -----------------------------------------------------------
     def zero_variance_ratio(self) -> float:
@@ -57,11 +59,16 @@ class PromptSelector:
         n = self.selector.sampling_size(missing, zvr)
         if n == 0:
             return []
-        picked = pick(self.selector, self.cursor, self.uids, n)
+        again = [self.reissue.popleft() for _ in range(min(n, len(self.reissue)))]   # lost work first
+        redo = [i for i, why in again if why is None]
+        picked = pick(self.selector, self.cursor, self.uids, n - len(redo)) if n > len(redo) else Picked([], {})
+        picked.indices[:0] = redo
+        picked.probes.extend((i, why) for i, why in again if why is not None)
+        n = len(picked.indices)
         self.window.update({f"skipped_{k}": v for k, v in picked.skipped.items()})
         self.window["prompts"] += n
         indices = picked.indices + [i for i, _ in picked.probes]
-        tickets = self.ledger.issue(len(indices))
+        tickets = self.ledger.issue(len(indices), indices)
         for t, i in zip(tickets, picked.indices):
             self.prior_rate[t] = self._count_rate("rollout", self.selector.solve_rate(self.uids[i]))
         for t, (_, why) in zip(tickets[n:], picked.probes):
@@ -90,6 +97,10 @@ class PromptSelector:
 
     def stop(self) -> None:
         self.stopped = True
+
+    def request_stop(self) -> None:
+        """A graceful stop (Ctrl-C, SIGTERM): the learner checkpoints after its current step and ends."""
+        self.stop_requested = True
 
     # --- feedback ----------------------------------------------------------
     def report(self, results: list[dict], batches: list[tuple[list[int], list[int]]],
@@ -122,8 +133,11 @@ class PromptSelector:
             self.window["tokens"] += tokens
 
     def settle(self, version: int, trained: list[int], stale: list[int]) -> dict:
-        """From the learner after each step: ledger fates, controller update, metrics snapshot."""
+        """From the learner after each step: ledger fates, controller update, metrics snapshot
+        (with `control/stop`: whether a graceful stop was requested)."""
         with self.lock:
+            self.window["restored_trained"] += len(self.restored.intersection(trained))
+            self.restored.difference_update(trained, stale)
             self.ledger.move(trained, "trained")
             self.ledger.move(stale, "dropped_stale")
             self.version = version
@@ -165,8 +179,9 @@ class PromptSelector:
                 "rollout/tokens_per_s": w["tokens"] / w["gen_seconds"] if w["gen_seconds"] else 0.0,
                 "selector/skipped_easy": w["skipped_easy"], "selector/skipped_hard": w["skipped_hard"],
                 "selector/p_easy": p.get(EASY, 1.0), "selector/p_hard": p.get(HARD, 1.0),
-                "selector/epoch": self.cursor.epoch, **self._bias(w), **self._probe_metrics(w),
-                **self.ledger.metrics()}
+                "selector/epoch": self.cursor.epoch, "train/restored_groups": w["restored_trained"],
+                **self._bias(w), **self._probe_metrics(w), **self.ledger.metrics(),
+                "control/stop": self.stop_requested}
 
     @staticmethod
     def _bias(w: Counter) -> dict:
@@ -187,14 +202,35 @@ class PromptSelector:
                 "rollout/probe_samples": w["probe_samples"]}
 
     def state_dict(self) -> dict:
+        """Everything a resume needs, as plain JSON-able values (ticket keys become strings)."""
         with self.lock:
             return {"selector": self.selector.state_dict(), "cursor": self.cursor.state_dict(),
-                    "ledger": self.ledger.state_dict(), "version": self.version, "probes": dict(self.probes)}
+                    "ledger": self.ledger.state_dict(), "version": self.version, "probes": dict(self.probes),
+                    "window": dict(self.window), "recent_zv": list(self.recent_zv),
+                    "prior_rate": dict(self.prior_rate), "probe_why": dict(self.probe_why),
+                    "reissue": list(self.reissue)}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore a checkpoint's state; every ticket still in rollout or queued is re-issued."""
         with self.lock:
             self.selector.load_state_dict(state["selector"])
             self.cursor = DataCursor.from_state(state["cursor"])
             self.ledger.load_state_dict(state["ledger"])
             self.version = state["version"]
             self.probes = Counter(state.get("probes", {}))
+            self.window = Counter(state.get("window", {}))
+            self.recent_zv.extend(state.get("recent_zv", []))
+            self.prior_rate = {int(t): r for t, r in state.get("prior_rate", {}).items()}
+            self.probe_why = {int(t): w for t, w in state.get("probe_why", {}).items()}
+            self.reissue = deque((i, why) for i, why in state.get("reissue", []))
+            self.reissue_lost(self.ledger.live("rollout", "queued"))
+            self.restored = set(self.ledger.live("carried"))
+
+    def reissue_lost(self, tickets: list[int]) -> int:
+        """Work that will never come back (a stop, a dead actor): retire its tickets as
+        `reissued` and queue their prompts to be issued again first. Returns how many."""
+        whys = [self.probe_why.pop(t, None) for t in tickets]
+        for t in tickets:
+            self.prior_rate.pop(t, None)
+        self.reissue.extend(zip(self.ledger.reissue(tickets), whys))
+        return len(tickets)

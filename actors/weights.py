@@ -10,8 +10,9 @@ class WeightStore:
     Ray 2.56 removed `ray.put(_owner=...)`, which would have saved this one copy.
     """
 
-    def __init__(self):
-        self.version, self.refs = 0, None   # version 0 = the initial model every engine loads
+    def __init__(self, version: int = 0):
+        # `version` = what every engine loads at start (0: the initial model; a resume: its checkpoint)
+        self.version, self.refs = version, None
 
     def publish(self, version: int, state: dict) -> tuple[int, list]:
         """Store `state` as `version`; returns (version, [ref]) for callers that want the ref."""

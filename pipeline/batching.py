@@ -67,29 +67,44 @@ class LedgerError(RuntimeError):
 class Ledger:
     """Every issued prompt (a ticket) is in exactly one state at any time.
 
-    rollout -> filtered | probed | carried        (after scoring)
-    carried -> queued | dropped_stale             (batch emitted / too old)
-    queued  -> trained | dropped_stale            (learner step)
+    rollout -> filtered | probed | carried | reissued   (after scoring / a restart)
+    carried -> queued | dropped_stale                   (batch emitted / too old)
+    queued  -> trained | dropped_stale | reissued       (learner step / a restart)
     Metrics fold rollout + queued into `in_flight`; probes are outside the ledger's
-    five training fates and reported apart.
+    training fates and reported apart. `reissued`: the work was lost in a stop or an actor
+    death and its prompt was issued again under a new ticket. Each live ticket remembers
+    its prompt (an index into the training prompts), so that lost work can be re-issued.
     """
 
-    MOVES = {"rollout": {"filtered", "probed", "carried"}, "carried": {"queued", "dropped_stale"},
-             "queued": {"trained", "dropped_stale"}}
+    MOVES = {"rollout": {"filtered", "probed", "carried", "reissued"}, "carried": {"queued", "dropped_stale"},
+             "queued": {"trained", "dropped_stale", "reissued"}}
 
     def __init__(self):
         self.state: dict[int, str] = {}
+        self.prompt: dict[int, int] = {}      # live ticket -> prompt index
         self.count: Counter = Counter()
         self.next_ticket = 0
 
-    def issue(self, n: int) -> list[int]:
+    def issue(self, n: int, prompts: Iterable[int] | None = None) -> list[int]:
         tickets = list(range(self.next_ticket, self.next_ticket + n))
         self.next_ticket += n
         for t in tickets:
             self.state[t] = "rollout"
+        self.prompt.update(zip(tickets, prompts or ()))
         self.count["rollout"] += n
         self.count["issued"] += n
         return tickets
+
+    def reissue(self, tickets: Iterable[int]) -> list[int]:
+        """Retire lost tickets (in rollout or queued) as `reissued`; returns their prompt indices."""
+        tickets = list(tickets)
+        indices = [self.prompt[t] for t in tickets]
+        self.move(tickets, "reissued")
+        return indices
+
+    def live(self, *states: str) -> list[int]:
+        """Tickets now in any of `states`, oldest first."""
+        return sorted(t for t, s in self.state.items() if s in states)
 
     def move(self, tickets: Iterable[int], to: str) -> None:
         for t in tickets:
@@ -102,18 +117,24 @@ class Ledger:
                 self.state[t] = to
             else:
                 del self.state[t]   # final fates keep only their count
+                self.prompt.pop(t, None)
 
     def metrics(self) -> dict[str, int]:
         c = self.count
         return {"ledger/issued": c["issued"] - c["probed"], "ledger/trained": c["trained"],
                 "ledger/filtered": c["filtered"], "ledger/dropped_stale": c["dropped_stale"],
-                "ledger/carried": c["carried"], "ledger/in_flight": c["rollout"] + c["queued"]}
+                "ledger/carried": c["carried"], "ledger/in_flight": c["rollout"] + c["queued"],
+                "ledger/reissued": c["reissued"]}
 
     def state_dict(self) -> dict:
-        return {"state": dict(self.state), "count": dict(self.count), "next_ticket": self.next_ticket}
+        """JSON-able: ticket keys become strings in JSON, load_state_dict turns them back."""
+        return {"state": dict(self.state), "prompt": dict(self.prompt), "count": dict(self.count),
+                "next_ticket": self.next_ticket}
 
     def load_state_dict(self, s: dict) -> None:
-        self.state, self.count, self.next_ticket = dict(s["state"]), Counter(s["count"]), s["next_ticket"]
+        self.state = {int(t): v for t, v in s["state"].items()}
+        self.prompt = {int(t): i for t, i in s.get("prompt", {}).items()}
+        self.count, self.next_ticket = Counter(s["count"]), s["next_ticket"]
 
 
 def rollout_demand(*, steps_allowed: int, batch_size: int, groups_committed: int,

@@ -31,6 +31,8 @@ class RunSection:
     name: str = "tiny"                 # run name; the run directory defaults to runs/<name>
     dir: str = ""                      # run directory; "" = runs/<name>
     seed: int = 0                      # seeds data order, selector RNG, sampling, init
+    resume: str = "auto"               # auto: continue from the newest complete checkpoint in run.dir, if any | never | a checkpoint path
+    overwrite: bool = False            # with nothing to resume: replace a previous run in run.dir instead of refusing
 
 
 @dataclass
@@ -154,6 +156,8 @@ class PipelineSection:
 @dataclass
 class TrainerSection:
     total_steps: int = 500             # learner steps (= policy versions published)
+    save_every: int = 100              # checkpoint every this many steps (0 = only at the end); also at the last step and on a graceful stop
+    keep_checkpoints: int = 3          # newest checkpoints kept in run.dir/checkpoints
 
 
 @dataclass
@@ -294,6 +298,10 @@ def validate(cfg: DictConfig) -> None:
     for key in ("prompt_queue_size", "rollout_queue_size", "train_queue_size"):
         _check(cfg.pipeline[key] >= 1, f"pipeline.{key}", "must be >= 1")
     _check(cfg.trainer.total_steps >= 1, "trainer.total_steps", "must be >= 1")
+    _check(cfg.trainer.save_every >= 0, "trainer.save_every", "must be >= 0 (0 = only at the end)")
+    _check(cfg.trainer.keep_checkpoints >= 1, "trainer.keep_checkpoints", "must be >= 1")
+    _check(cfg.run.resume in ("auto", "never") or Path(cfg.run.resume).expanduser().is_dir(), "run.resume",
+           f"must be auto, never or a checkpoint directory, got {cfg.run.resume!r}")
     _check(cfg.eval.every >= 0, "eval.every", "must be >= 0")
     _check_eval_sets(cfg.eval.sets)
     _check(cfg.model.dtype in ("float32", "bfloat16"), "model.dtype", "must be float32 or bfloat16")

@@ -8,6 +8,10 @@ one metrics row, evaluates every `eval.every` steps and shows a progress bar.
 """
 from __future__ import annotations
 
+import json
+import logging
+import signal
+import sys
 import threading
 from pathlib import Path
 
@@ -20,36 +24,102 @@ from actors.learner import train_loop_per_worker
 from actors.rewarder import Rewarder
 from actors.selector import PromptSelector
 from actors.weights import WeightStore
+from pipeline import checkpoint as ck
+from pipeline.checkpoint import step_dir
 from pipeline.metrics import MetricsLog, Progress
 from pipeline.world import World, load_world
 
 
 def run(cfg) -> Path:
-    """Train with cfg; returns the run directory."""
+    """Train with cfg (fresh, resumed or already finished, as run.resume decides); returns the run directory."""
     run_dir = Path(cfg.run.dir or f"runs/{cfg.run.name}").resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
+    plan, state = _plan(cfg, run_dir)
+    if plan.kind == "finished":
+        print(plan.message)
+        return run_dir
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     world = load_world(cfg)
     started_ray = init_ray(cfg)
-    p = Pipeline(cfg, world, run_dir)
+    stop = GracefulStop()
+    p = Pipeline(cfg, world, run_dir, resume=plan.checkpoint, state=state)
+    total = cfg.trainer.total_steps
     try:
         p.start()
-        with MetricsLog(run_dir / "metrics.jsonl") as log, Progress(cfg.trainer.total_steps) as bar:
-            log.write({"step": 0, "policy_version": 0, **p.evaluate(None)})
-            for step in range(1, cfg.trainer.total_steps + 1):
-                row = p.next_step()
-                last = step == cfg.trainer.total_steps
-                if last or (cfg.eval.every and step % cfg.eval.every == 0):
-                    row.update(p.evaluate(row.pop("weights")))
-                row.pop("weights", None)
+        with MetricsLog(run_dir / "metrics.jsonl", resume_after_step=plan.step if state else None) as log, \
+                Progress(total, initial=plan.step) as bar:
+            if not state:
+                log.write({"step": 0, "policy_version": 0, **p.evaluate(None)})
+            elif log.last_step < plan.step:   # the checkpoint was saved, its row never written
+                log.write({**state["row"], **(p.evaluate(None) if _eval_due(cfg, plan.step) else {})})
+            step = plan.step
+            for step in range(plan.step + 1, total + 1):
+                row = p.next_step(stop)
+                if _eval_due(cfg, step):
+                    row.update(p.evaluate(row["weights"]))
+                stopping = row.pop("stopping")
+                row.pop("weights")
                 log.write(row)
                 bar.update(row)
+                if stopping:
+                    break
         p.finish()
     finally:
         p.stop()
         if started_ray:
             ray.shutdown()
+        stop.restore()
+    if stop.requested:
+        print(f"stopped after step {step}: checkpoint {step_dir(run_dir, step)}\n"
+              f"resume with: {resume_command(run_dir)}")
     return run_dir
+
+
+def _plan(cfg, run_dir: Path):
+    """run.resume -> (Plan, the checkpoint's pipeline state or None); checks a resume still fits."""
+    plan = ck.plan(run_dir, cfg.run.resume, overwrite=cfg.run.overwrite, total_steps=cfg.trainer.total_steps)
+    logging.getLogger(__name__).info(plan.message)
+    if plan.kind != "resume":
+        return plan, None
+    ck.check_compatible(ck.read_manifest(plan.checkpoint)["config"], OmegaConf.to_container(cfg), plan.checkpoint)
+    ck.check_ray_train_snapshot(run_dir)
+    return plan, json.loads((plan.checkpoint / "pipeline.json").read_text())
+
+
+def _eval_due(cfg, step: int) -> bool:
+    return step == cfg.trainer.total_steps or bool(cfg.eval.every and step % cfg.eval.every == 0)
+
+
+def resume_command(run_dir: Path) -> str:
+    """The command line of this process, with run.dir pinned and run.resume=auto."""
+    args = [a for a in sys.argv[1:] if not a.startswith(("run.dir=", "run.resume=", "run.overwrite="))]
+    return " ".join(["python", "run.py", *args, f"run.dir={run_dir}", "run.resume=auto"])
+
+
+class GracefulStop:
+    """First SIGINT / SIGTERM: finish the step, checkpoint, shut down. Second: exit at once.
+
+    Installed after ray.init, which sets its own SIGTERM handler (ray/_private/worker.py).
+    Ray's own processes block SIGINT (ray/_private/services.py preexec_fn), so a Ctrl-C in
+    the terminal reaches only us and the shutdown below is ours to do.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: exiting now")
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
+              f"(again to exit at once, without one)", file=sys.stderr, flush=True)
+
+    def restore(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 def init_ray(cfg) -> bool:
@@ -110,36 +180,49 @@ def _trainer_class():
 class Pipeline:
     """The actors and queues of one run."""
 
-    def __init__(self, cfg, world: World, run_dir: Path):
+    def __init__(self, cfg, world: World, run_dir: Path, resume: Path | None = None, state: dict | None = None):
         r, pl = cfg.rollout, cfg.pipeline
-        self.cfg, self.world, self.run_dir = cfg, world, run_dir
+        self.cfg, self.world, self.run_dir, self.resume = cfg, world, run_dir, resume
+        version = state["version"] if state else 0
+        # a resumed run's generators start from the checkpoint's policy, already at its version
+        model_dir = str(resume / "policy") if resume else world.model_dir
         free = {"num_cpus": 0}
         self.prompt_q = Queue(pl.prompt_queue_size, actor_options=free)
         self.rollout_q = Queue(pl.rollout_queue_size, actor_options=free)
         self.train_q = Queue(pl.train_queue_size, actor_options=free)
         self.metrics_q = Queue(actor_options=free)
-        self.store = ray.remote(WeightStore).options(**free).remote()
+        self.store = ray.remote(WeightStore).options(**free).remote(version)
         self.selector = ray.remote(PromptSelector).options(num_cpus=cfg.selector.num_cpus, max_concurrency=4).remote(
             cfg, world.train, self.prompt_q)
         self.generators = [ray.remote(Generator).options(**generator_placement(cfg), max_concurrency=4)
-                           .remote(cfg, world.model_dir, world.tokenizer_dir, self.store, self.prompt_q,
-                                   self.rollout_q, index=i) for i in range(r.num_generators)]
+                           .remote(cfg, model_dir, world.tokenizer_dir, self.store, self.prompt_q,
+                                   self.rollout_q, index=i, version=version) for i in range(r.num_generators)]
         self.rewarder = ray.remote(Rewarder).options(num_cpus=cfg.reward.num_cpus, max_concurrency=4).remote(
             cfg, self.selector, self.rollout_q, self.train_q)
+        if state:   # before any loop runs: lost work re-issued, carried groups waiting again
+            ray.get(self.selector.load_state_dict.remote(state["selector"]))
+            ray.get(self.rewarder.restore.remote(state["carried"], version))
         self.trainer = self._trainer()
-        self.loops, self.fit_error, self.fit_thread = [], None, None
+        self.loops, self.fit_error, self.fit_thread, self.stop_sent = [], None, None, False
 
     def _trainer(self):
-        from ray.train import RunConfig, ScalingConfig
+        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
         t = self.cfg.train
         config = {"cfg": OmegaConf.to_container(self.cfg), "model_dir": self.world.model_dir,
+                  "tokenizer_dir": self.world.tokenizer_dir, "run_dir": str(self.run_dir),
+                  "resume_from": str(self.resume) if self.resume else None, "rewarder": self.rewarder,
                   "pad_id": self.world.pad_id, "store": self.store, "selector": self.selector,
                   "train_q": self.train_q, "metrics_q": self.metrics_q}
+        # Ray Train's experiment directory is RUN_DIR/checkpoints: the learner reports each
+        # committed step_<N> there, so Ray Train's restore and pruning see our checkpoints.
+        run_config = RunConfig(name=ck.CHECKPOINTS, storage_path=str(self.run_dir),
+                               checkpoint_config=CheckpointConfig(num_to_keep=self.cfg.trainer.keep_checkpoints),
+                               failure_config=FailureConfig(max_failures=0))
         return _trainer_class()(train_loop_per_worker, train_loop_config=config,
                             scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                                          resources_per_worker={"CPU": t.cpus_per_worker, **(
                                                              {"GPU": t.gpus_per_worker} if t.use_gpu else {})}),
-                            run_config=RunConfig(name="learner", storage_path=str(self.run_dir / "ray_train")))
+                            run_config=run_config)
 
     def start(self) -> None:
         self.loops = [self.selector.run.remote(), self.rewarder.run.remote(),
@@ -153,9 +236,13 @@ class Pipeline:
         except Exception as e:  # surfaced by next_step
             self.fit_error = e
 
-    def next_step(self) -> dict:
-        """Block until the learner reports its next step; fail loudly if any stage died."""
+    def next_step(self, stop: "GracefulStop | None" = None) -> dict:
+        """Block until the learner reports its next step; fail loudly if any stage died.
+        A requested stop is passed on: the learner checkpoints after the step it is in."""
         while True:
+            if stop is not None and stop.requested and not self.stop_sent:
+                ray.get(self.selector.request_stop.remote())
+                self.stop_sent = True
             try:
                 return self.metrics_q.get(timeout=1.0)
             except Exception as e:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from tqdm import tqdm
@@ -10,11 +11,30 @@ from tqdm import tqdm
 class MetricsLog:
     """Appends one JSON row per step, flushed at once so a crash keeps every finished step."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, resume_after_step: int | None = None):
         self.path, self.total_samples, self.total_probe_samples = path, 0, 0
+        self.resume_after_step, self.last_step = resume_after_step, -1
 
     def __enter__(self) -> "MetricsLog":
-        self.f = open(self.path, "w")
+        if self.resume_after_step is None:
+            self.f = open(self.path, "x")
+            return self
+        kept = []
+        if self.path.exists():   # rows a crash wrote after the checkpoint go; so does a torn last line
+            for line in self.path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    break
+                if row.get("step", 0) <= self.resume_after_step:
+                    kept.append(line)
+                    self.last_step = row["step"]
+                    self.total_samples += row.get("rollout/samples", 0)
+                    self.total_probe_samples += row.get("rollout/probe_samples", 0)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
+        self.f = open(self.path, "a")
         return self
 
     def write(self, row: dict) -> None:
@@ -25,6 +45,7 @@ class MetricsLog:
             row["rollout/total_probe_samples"] = self.total_probe_samples
         self.f.write(json.dumps(row, default=float) + "\n")
         self.f.flush()
+        self.last_step = row.get("step", self.last_step)
 
     def __exit__(self, *exc) -> None:
         self.f.close()
@@ -33,8 +54,8 @@ class MetricsLog:
 class Progress:
     """tqdm bar with the numbers a GRESO user watches: reward, zero-variance, skips, speed."""
 
-    def __init__(self, total: int):
-        self.bar = tqdm(total=total, desc="train", unit="step", dynamic_ncols=True)
+    def __init__(self, total: int, initial: int = 0):
+        self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
         self.eval = None
 
     def __enter__(self) -> "Progress":
