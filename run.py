@@ -27,11 +27,15 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from pipeline.checkpoint import ResumeError
     from pipeline.driver import run
+    from pipeline.lifecycle import RunFailed
     try:
         run_dir = run(cfg)
     except ResumeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RunFailed as e:      # a stage died for good, or the watchdog found a hang: one line, how to resume
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as e:   # a second Ctrl-C: the run's own processes are already shut down
         print(f"interrupted: {e or 'exiting'}", file=sys.stderr)
         return 130

@@ -24,10 +24,11 @@ class Rollouts:
 
 class Generator:
     def __init__(self, cfg, model_dir: str, tokenizer_dir: str, store, prompt_q=None, rollout_q=None,
-                 index: int = 0, engine=None, version: int = 0):
+                 index: int = 0, engine=None, version: int = 0, selector=None):
         import torch
         torch.set_num_threads(max(1, int(cfg.rollout.num_cpus)))
         self.cfg, self.store, self.prompt_q, self.rollout_q, self.index = cfg, store, prompt_q, rollout_q, index
+        self.selector = selector      # told what we hold, so a restart after our death re-issues it
         self.engine = engine or make_engine(cfg.rollout.engine, model_dir, tokenizer_dir, cfg=cfg)
         self.version, self.requests, self.stopped = version, 0, False   # version: what model_dir holds
         self.lock = threading.Lock()          # one engine: evaluation and rollout take turns
@@ -70,7 +71,27 @@ class Generator:
                 req = self.prompt_q.get(timeout=0.5)
             except Empty:
                 continue
+            self._holding(req.tickets)
+            self._maybe_stall()
             self.rollout_q.put([ray.put(self.generate(req))])   # a list: Ray would inline a bare ref
+            self._holding(())
+
+    def _maybe_stall(self) -> None:
+        """faults.stall=generator:<index>@step=N: hang inside a request once at policy version N."""
+        from pipeline.faults import parse
+        if any(f.stage == "generator" and f.index == self.index and self.version >= f.step
+               for f in parse(self.cfg.faults.stall)):
+            while True:
+                time.sleep(1.0)
+
+    def _holding(self, tickets) -> None:
+        if self.selector is not None:
+            ray.get(self.selector.holding.remote(self.index, tickets))
+
+    def pid(self) -> int:
+        """The actor's process id (fault tests kill it from outside, as a crash would)."""
+        import os
+        return os.getpid()
 
     def evaluate(self, prompts: list[Prompt], max_new_tokens: int, weights=None, k: int = 0) -> tuple[int, list[str]]:
         """Responses of policy `weights` = (version, [ref]); None = the weights we hold.

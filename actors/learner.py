@@ -146,6 +146,16 @@ def train_loop_per_worker(config: dict) -> None:
             metrics_q.put({**row, "weights": weights, "stopping": decision[1]})
         if decision[1]:
             return
+        _inject_fault(cfg, step, rank)
+
+
+def _inject_fault(cfg, step: int, rank: int) -> None:
+    """faults.kill=learner[:rank]@step=N: this Ray Train worker SIGKILLs itself after step N."""
+    import os
+    import signal
+    from pipeline.faults import parse
+    if any(f.stage == "learner" and f.index == rank and f.step == step for f in parse(cfg.faults.kill)):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class Saver:
@@ -166,6 +176,7 @@ class Saver:
         self.run_dir = Path(config["run_dir"])
         self.resume_from = config.get("resume_from")
         self.tokenizer_dir, self.rewarder = config["tokenizer_dir"], config["rewarder"]
+        self.tokenizer = None     # loaded on the first save, kept: every checkpoint writes its files
 
     def due(self, step: int) -> bool:
         every = self.cfg.trainer.save_every
@@ -200,7 +211,10 @@ class Saver:
         save_learner(tmp / "learner", self.learner.model, self.learner.optimizer, self.learner.scheduler,
                      rank=self.rank)
         if self.rank == 0:
-            save_policy(tmp / "policy", self.learner.unwrapped(), state, self.cfg.model.dtype, self.tokenizer_dir)
+            if self.tokenizer is None:
+                from transformers import AutoTokenizer
+                self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_dir)
+            save_policy(tmp / "policy", self.learner.unwrapped(), state, self.cfg.model.dtype, self.tokenizer)
         if dist.is_initialized():
             dist.barrier()   # every rank's learner files are in tmp before rank 0 commits
         checkpoint = None

@@ -59,13 +59,19 @@ class Rewarder:
     def consume(self, rollouts, scored: list[ScoredGroup]) -> list[TrainBatch]:
         """Accumulate scored groups and cut every batch that is now full.
 
-        One synchronous report per request tells the selector each group's rewards and
-        fate and each batch's tickets: the ledger must know a batch is queued before the
-        learner can settle it (threaded actors do not order calls, so one call it is).
+        Two synchronous reports per request, in order: first each group's rewards and fate
+        (the selector refuses groups whose ticket was re-issued meanwhile, when the generator
+        that made them was given up for dead: those never reach a batch), then each cut
+        batch's tickets, so the ledger knows a batch is queued before the learner settles it.
         """
         results = [{"ticket": g.group.ticket, "uid": g.group.prompt.uid, "rewards": g.rewards,
-                    "fate": self.acc.add(g), "response_len": sum(len(s.token_ids) for s in g.group.samples)}
+                    "fate": self.acc.fate(g), "response_len": sum(len(s.token_ids) for s in g.group.samples)}
                    for g in scored]
+        refused = set(self._call(self.selector.report, results, [], rollouts.gen_seconds, rollouts.tokens,
+                                 rollouts.sync_seconds) or ())
+        for g in scored:
+            if g.group.ticket not in refused:
+                self.acc.add(g)
         batches, moves = [], []
         while True:
             stale = self.acc.drop_stale(self.cfg.pipeline.max_staleness)
@@ -74,8 +80,7 @@ class Rewarder:
             if groups is None:
                 break
             batches.append(TrainBatch(self.acc.batches_emitted, tuple(groups)))
-        self._call(self.selector.report, results, moves, rollouts.gen_seconds, rollouts.tokens,
-                   rollouts.sync_seconds)
+        self._call(self.selector.report, [], moves)
         return batches
 
     def run(self) -> None:
@@ -127,3 +132,8 @@ class Rewarder:
 
     def stop(self) -> None:
         self.stopped = True
+
+    def pid(self) -> int:
+        """The actor's process id (fault injection kills it from outside, as a crash would)."""
+        import os
+        return os.getpid()

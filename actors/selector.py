@@ -41,6 +41,8 @@ class PromptSelector:
         self.pending: deque[Request] = deque()           # issued requests the queue had no room for
         self.reissue: deque[tuple[int, str | None]] = deque()  # (prompt index, probe why) of lost work
         self.restored: set[int] = set()                  # carried tickets restored from a checkpoint
+        self.held: dict[int, tuple[int, ...]] = {}       # generator index -> tickets it is generating
+        self.held_since: dict[int, float] = {}           # ... since when (the hang watchdog reads it)
         self.lock = threading.Lock()
         self.stopped = self.stop_requested = False
 
@@ -98,17 +100,29 @@ class PromptSelector:
     def stop(self) -> None:
         self.stopped = True
 
+    def pid(self) -> int:
+        """The actor's process id (fault injection kills it from outside, as a crash would)."""
+        import os
+        return os.getpid()
+
     def request_stop(self) -> None:
         """A graceful stop (Ctrl-C, SIGTERM): the learner checkpoints after its current step and ends."""
         self.stop_requested = True
 
     # --- feedback ----------------------------------------------------------
     def report(self, results: list[dict], batches: list[tuple[list[int], list[int]]],
-               gen_seconds: float = 0.0, tokens: int = 0, sync_seconds: float = 0.0) -> None:
+               gen_seconds: float = 0.0, tokens: int = 0, sync_seconds: float = 0.0) -> list[int]:
         """From the rewarder, per request: one dict per group {ticket, uid, rewards, fate,
-        response_len}, then (queued, dropped-stale) tickets of each batch it cut."""
+        response_len}, then (queued, dropped-stale) tickets of each batch it cut. Returns the
+        tickets refused: already re-issued (their generator was given up for dead), so the
+        group arrived late and must not be trained on."""
+        refused = []
         with self.lock:
             for r in results:
+                if self.ledger.state.get(r["ticket"]) != "rollout":
+                    refused.append(r["ticket"])
+                    self.window["late_groups"] += 1
+                    continue
                 kind = classify(r["rewards"])
                 self.selector.observe(r["uid"], r["rewards"])
                 self.ledger.move([r["ticket"]], r["fate"])
@@ -125,19 +139,42 @@ class PromptSelector:
                 self.window["reward_sum"] += sum(r["rewards"])
                 self.window["response_len_sum"] += r["response_len"]
             for queued, stale in batches:
+                self._count_restored((), stale)
                 self.ledger.move(stale, "dropped_stale")
                 self.ledger.move(queued, "queued")
                 self._retire(stale)
             self.window["gen_seconds"] += gen_seconds
             self.window["sync_seconds"] += sync_seconds
             self.window["tokens"] += tokens
+        return refused
+
+    # --- faults --------------------------------------------------------------
+    def holding(self, holder: int, tickets) -> None:
+        """Generator `holder` now holds these tickets (the request it generates; () when done)."""
+        with self.lock:
+            self.held[holder] = tuple(tickets)
+            self.held_since[holder] = time.monotonic()
+
+    def generator_lost(self, holder: int) -> int:
+        """Generator `holder` died: re-issue what it held and had not delivered. Returns how many."""
+        with self.lock:
+            lost = [t for t in self.held.pop(holder, ()) if self.ledger.state.get(t) == "rollout"]
+            self.window["reissued"] += len(lost)
+            return self.reissue_lost(lost)
+
+    def status(self) -> dict:
+        """What the selector holds, for the hang watchdog's report."""
+        with self.lock:
+            return {"ledger": self.ledger.metrics(), "pending_requests": len(self.pending),
+                    "reissue_queue": len(self.reissue), "held_by_generator": {k: len(v) for k, v in self.held.items()},
+                    "held_since_s": {k: time.monotonic() - self.held_since[k] for k, v in self.held.items() if v},
+                    "version": self.version, "zero_variance_ratio": round(self.zero_variance_ratio(), 3)}
 
     def settle(self, version: int, trained: list[int], stale: list[int]) -> dict:
         """From the learner after each step: ledger fates, controller update, metrics snapshot
         (with `control/stop`: whether a graceful stop was requested)."""
         with self.lock:
-            self.window["restored_trained"] += len(self.restored.intersection(trained))
-            self.restored.difference_update(trained, stale)
+            self._count_restored(trained, stale)
             self.ledger.move(trained, "trained")
             self.ledger.move(stale, "dropped_stale")
             self.version = version
@@ -151,6 +188,13 @@ class PromptSelector:
             snapshot = self._snapshot(w, groups, easy, hard)
             self.window = Counter()
             return snapshot
+
+    def _count_restored(self, trained, stale) -> None:
+        """Groups restored from a checkpoint that were now trained on or dropped as too old."""
+        if self.restored:
+            self.window["restored_trained"] += len(self.restored.intersection(trained))
+            self.window["restored_stale"] += len(self.restored.intersection(stale))
+            self.restored.difference_update(trained, stale)
 
     def _count_rate(self, key: str, rate: float | None) -> float | None:
         """Add a prompt's issue-time solve rate to this window's `key` mean (rates are None
@@ -180,6 +224,8 @@ class PromptSelector:
                 "selector/skipped_easy": w["skipped_easy"], "selector/skipped_hard": w["skipped_hard"],
                 "selector/p_easy": p.get(EASY, 1.0), "selector/p_hard": p.get(HARD, 1.0),
                 "selector/epoch": self.cursor.epoch, "train/restored_groups": w["restored_trained"],
+                "train/restored_stale": w["restored_stale"], "rollout/reissued": w["reissued"],
+                "rollout/late_groups": w["late_groups"],
                 **self._bias(w), **self._probe_metrics(w), **self.ledger.metrics(),
                 "control/stop": self.stop_requested}
 
@@ -210,8 +256,16 @@ class PromptSelector:
                     "prior_rate": dict(self.prior_rate), "probe_why": dict(self.probe_why),
                     "reissue": list(self.reissue)}
 
+    def restore(self, state: dict) -> None:
+        """Resume from a checkpoint's state: every ticket that was in rollout or queued is
+        re-issued (that work is gone), carried ones wait in the rewarder as they were."""
+        self.load_state_dict(state)
+        with self.lock:
+            self.reissue_lost(self.ledger.live("rollout", "queued"))
+            self.restored = set(self.ledger.live("carried"))
+
     def load_state_dict(self, state: dict) -> None:
-        """Restore a checkpoint's state; every ticket still in rollout or queued is re-issued."""
+        """Exactly the state that state_dict() returned."""
         with self.lock:
             self.selector.load_state_dict(state["selector"])
             self.cursor = DataCursor.from_state(state["cursor"])
@@ -223,8 +277,6 @@ class PromptSelector:
             self.prior_rate = {int(t): r for t, r in state.get("prior_rate", {}).items()}
             self.probe_why = {int(t): w for t, w in state.get("probe_why", {}).items()}
             self.reissue = deque((i, why) for i, why in state.get("reissue", []))
-            self.reissue_lost(self.ledger.live("rollout", "queued"))
-            self.restored = set(self.ledger.live("carried"))
 
     def reissue_lost(self, tickets: list[int]) -> int:
         """Work that will never come back (a stop, a dead actor): retire its tickets as

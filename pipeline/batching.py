@@ -35,14 +35,18 @@ class Accumulator:
         self.waiting: deque[ScoredGroup] = deque()
         self.batches_emitted = 0
 
-    def add(self, g: ScoredGroup) -> str:
-        """Returns the group's fate: 'probed', 'filtered' or 'carried'."""
+    def fate(self, g: ScoredGroup) -> str:
+        """What add(g) will do with the group: 'probed', 'filtered' or 'carried'."""
         if g.group.probe:
             return "probed"
-        if self.post_filter and g.zero_variance:
-            return "filtered"
-        self.waiting.append(g)
-        return "carried"
+        return "filtered" if self.post_filter and g.zero_variance else "carried"
+
+    def add(self, g: ScoredGroup) -> str:
+        """Returns the group's fate: 'probed', 'filtered' or 'carried' (it waits for a batch)."""
+        fate = self.fate(g)
+        if fate == "carried":
+            self.waiting.append(g)
+        return fate
 
     def drop_stale(self, max_staleness: int) -> list[ScoredGroup]:
         """Drop waiting groups too old for the next batch (consumed at version = batches emitted)."""

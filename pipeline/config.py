@@ -15,6 +15,8 @@ from typing import List, Optional
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from pipeline.faults import parse as parse_faults
+
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 SELECTORS = ("greso", "mopps", "dynamic_sampling", "none")
 ENGINES = ("auto", "vllm", "hf")
@@ -108,6 +110,8 @@ class RolloutSection:
     request_size: int = 32             # prompts per request handed to one generator
     num_cpus: float = 1.0              # per generator actor
     num_gpus: float = 0.0              # per generator actor
+    max_deaths: int = 3                # a generator is restarted after a death, up to this many times ...
+    death_window_min: float = 10.0     # ... within this many minutes; one more death ends the run
     vllm: VLLMSection = field(default_factory=VLLMSection)
 
 
@@ -143,6 +147,7 @@ class TrainSection:
     adv_norm: str = "std"              # std (GRPO) | mean (Dr.GRPO)
     kl_coef: float = 0.0               # k3 KL to the initial policy; 0 = none (paper)
     tis_cap: float = 2.0               # truncated importance weight cap for off-policy data; 0 = off
+    max_failures: int = 1              # learner / rewarder failures survived by restarting the pipeline from the newest checkpoint
 
 
 @dataclass
@@ -151,6 +156,7 @@ class PipelineSection:
     prompt_queue_size: int = 8         # requests waiting for a generator
     rollout_queue_size: int = 16       # generated requests waiting for the rewarder
     train_queue_size: int = 1          # full batches waiting for the learner
+    step_timeout_s: float = 1800.0     # hang watchdog: no learner step for this long ends the run, naming the stalled stage
 
 
 @dataclass
@@ -177,6 +183,12 @@ class EvalSection:
 
 
 @dataclass
+class FaultsSection:
+    kill: str = ""                     # test aid: e.g. generator:0@step=20, learner@step=30, rewarder@step=20 (comma-separated)
+    stall: str = ""                    # test aid: e.g. generator:0@step=5 hangs that generator inside a request
+
+
+@dataclass
 class Config:
     conf: str = "tiny"                 # which conf/<NAME>.yaml was merged over base.yaml
     run: RunSection = field(default_factory=RunSection)
@@ -190,6 +202,7 @@ class Config:
     pipeline: PipelineSection = field(default_factory=PipelineSection)
     trainer: TrainerSection = field(default_factory=TrainerSection)
     eval: EvalSection = field(default_factory=EvalSection)
+    faults: FaultsSection = field(default_factory=FaultsSection)
 
 
 def load_config(argv: list[str]) -> DictConfig:
@@ -299,6 +312,15 @@ def validate(cfg: DictConfig) -> None:
         _check(cfg.pipeline[key] >= 1, f"pipeline.{key}", "must be >= 1")
     _check(cfg.trainer.total_steps >= 1, "trainer.total_steps", "must be >= 1")
     _check(cfg.trainer.save_every >= 0, "trainer.save_every", "must be >= 0 (0 = only at the end)")
+    _check(r.max_deaths >= 0, "rollout.max_deaths", "must be >= 0")
+    _check(r.death_window_min > 0, "rollout.death_window_min", "must be > 0")
+    _check(t.max_failures >= 0, "train.max_failures", "must be >= 0")
+    _check(cfg.pipeline.step_timeout_s > 0, "pipeline.step_timeout_s", "must be > 0")
+    for key in ("kill", "stall"):
+        try:
+            parse_faults(cfg.faults[key])
+        except ValueError as e:
+            raise ConfigError(f"faults.{key}: {e}") from None
     _check(cfg.trainer.keep_checkpoints >= 1, "trainer.keep_checkpoints", "must be >= 1")
     _check(cfg.run.resume in ("auto", "never") or Path(cfg.run.resume).expanduser().is_dir(), "run.resume",
            f"must be auto, never or a checkpoint directory, got {cfg.run.resume!r}")

@@ -8,11 +8,11 @@ one metrics row, evaluates every `eval.every` steps and shows a progress bar.
 """
 from __future__ import annotations
 
-import json
 import logging
+import os
 import signal
-import sys
 import threading
+import time
 from pathlib import Path
 
 import ray
@@ -26,46 +26,42 @@ from actors.selector import PromptSelector
 from actors.weights import WeightStore
 from pipeline import checkpoint as ck
 from pipeline.checkpoint import step_dir
+from pipeline.faults import DeathBudget, StageFailed, one_line, stalled_stage
+from pipeline.faults import parse as parse_faults
+from pipeline.lifecycle import GracefulStop, RunFailed, plan_restart, plan_resume, resume_command
 from pipeline.metrics import MetricsLog, Progress
 from pipeline.world import World, load_world
 
+log = logging.getLogger(__name__)
+
 
 def run(cfg) -> Path:
-    """Train with cfg (fresh, resumed or already finished, as run.resume decides); returns the run directory."""
+    """Train with cfg (fresh, resumed or already finished, as run.resume decides); returns the run
+    directory. A learner or rewarder failure restarts the pipeline from the newest checkpoint (at
+    most train.max_failures times); a dead generator is restarted in place by Ray."""
     run_dir = Path(cfg.run.dir or f"runs/{cfg.run.name}").resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    plan, state = _plan(cfg, run_dir)
+    plan, state = plan_resume(cfg, run_dir)
     if plan.kind == "finished":
         print(plan.message)
         return run_dir
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     world = load_world(cfg)
     started_ray = init_ray(cfg)
-    stop = GracefulStop()
-    p = Pipeline(cfg, world, run_dir, resume=plan.checkpoint, state=state)
-    total = cfg.trainer.total_steps
+    stop, failures = GracefulStop(), 0
     try:
-        p.start()
-        with MetricsLog(run_dir / "metrics.jsonl", resume_after_step=plan.step if state else None) as log, \
-                Progress(total, initial=plan.step) as bar:
-            if not state:
-                log.write({"step": 0, "policy_version": 0, **p.evaluate(None)})
-            elif log.last_step < plan.step:   # the checkpoint was saved, its row never written
-                log.write({**state["row"], **(p.evaluate(None) if _eval_due(cfg, plan.step) else {})})
-            step = plan.step
-            for step in range(plan.step + 1, total + 1):
-                row = p.next_step(stop)
-                if _eval_due(cfg, step):
-                    row.update(p.evaluate(row["weights"]))
-                stopping = row.pop("stopping")
-                row.pop("weights")
-                log.write(row)
-                bar.update(row)
-                if stopping:
-                    break
-        p.finish()
+        while True:
+            try:
+                step = _attempt(cfg, world, run_dir, plan, state, stop, attempt=failures)
+                break
+            except StageFailed as e:
+                failures += 1
+                if not e.recoverable or failures > cfg.train.max_failures or stop.requested:
+                    raise RunFailed(_failure_message(e, run_dir, failures, cfg)) from None
+                plan, state = plan_restart(run_dir)
+                log.warning("%s; restarting the pipeline from %s (failure %d of train.max_failures=%d)",
+                            e, plan.checkpoint or "the start", failures, cfg.train.max_failures)
     finally:
-        p.stop()
         if started_ray:
             ray.shutdown()
         stop.restore()
@@ -75,51 +71,46 @@ def run(cfg) -> Path:
     return run_dir
 
 
-def _plan(cfg, run_dir: Path):
-    """run.resume -> (Plan, the checkpoint's pipeline state or None); checks a resume still fits."""
-    plan = ck.plan(run_dir, cfg.run.resume, overwrite=cfg.run.overwrite, total_steps=cfg.trainer.total_steps)
-    logging.getLogger(__name__).info(plan.message)
-    if plan.kind != "resume":
-        return plan, None
-    ck.check_compatible(ck.read_manifest(plan.checkpoint)["config"], OmegaConf.to_container(cfg), plan.checkpoint)
-    ck.check_ray_train_snapshot(run_dir)
-    return plan, json.loads((plan.checkpoint / "pipeline.json").read_text())
+def _attempt(cfg, world, run_dir: Path, plan, state, stop, attempt: int) -> int:
+    """One life of the pipeline, from `plan`'s checkpoint (or the start) to the end or a stop;
+    returns the last step trained. Raises StageFailed when a stage dies."""
+    p = Pipeline(cfg, world, run_dir, resume=plan.checkpoint, state=state, attempt=attempt)
+    total, step = cfg.trainer.total_steps, plan.step
+    try:
+        p.start()
+        with MetricsLog(run_dir / "metrics.jsonl", resume_after_step=plan.step if state or attempt else None) \
+                as mlog, Progress(total, initial=plan.step) as bar:
+            if not state:
+                mlog.write({"step": 0, "policy_version": 0, **p.evaluate(None)})
+            elif mlog.last_step < plan.step:   # the checkpoint was saved, its row never written
+                mlog.write({**state["row"], **(p.evaluate(None) if _eval_due(cfg, plan.step) else {})})
+            for step in range(plan.step + 1, total + 1):
+                row = p.next_step(stop)
+                if _eval_due(cfg, step):
+                    row.update(p.evaluate(row["weights"]))
+                stopping = row.pop("stopping")
+                row.pop("weights")
+                mlog.write(row)
+                bar.update(row)
+                if stopping:
+                    break
+        p.finish()
+    finally:
+        p.stop()
+    return step
 
 
 def _eval_due(cfg, step: int) -> bool:
     return step == cfg.trainer.total_steps or bool(cfg.eval.every and step % cfg.eval.every == 0)
 
 
-def resume_command(run_dir: Path) -> str:
-    """The command line of this process, with run.dir pinned and run.resume=auto."""
-    args = [a for a in sys.argv[1:] if not a.startswith(("run.dir=", "run.resume=", "run.overwrite="))]
-    return " ".join(["python", "run.py", *args, f"run.dir={run_dir}", "run.resume=auto"])
-
-
-class GracefulStop:
-    """First SIGINT / SIGTERM: finish the step, checkpoint, shut down. Second: exit at once.
-
-    Installed after ray.init, which sets its own SIGTERM handler (ray/_private/worker.py).
-    Ray's own processes block SIGINT (ray/_private/services.py preexec_fn), so a Ctrl-C in
-    the terminal reaches only us and the shutdown below is ours to do.
-    """
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self):
-        self.requested = False
-        self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: exiting now")
-        self.requested = True
-        print(f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
-              f"(again to exit at once, without one)", file=sys.stderr, flush=True)
-
-    def restore(self) -> None:
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
+def _failure_message(e: StageFailed, run_dir: Path, failures: int, cfg) -> str:
+    found = ck.checkpoints(run_dir)
+    where = (f"resume from {found[-1][1]} (step {found[-1][0]}) with: {resume_command(run_dir)}" if found
+             else "no checkpoint was written yet")
+    if e.recoverable and failures > cfg.train.max_failures:
+        return f"{e} (failure {failures}, more than train.max_failures={cfg.train.max_failures}); {where}"
+    return f"{e}; {where}"
 
 
 def init_ray(cfg) -> bool:
@@ -180,9 +171,12 @@ def _trainer_class():
 class Pipeline:
     """The actors and queues of one run."""
 
-    def __init__(self, cfg, world: World, run_dir: Path, resume: Path | None = None, state: dict | None = None):
+    def __init__(self, cfg, world: World, run_dir: Path, resume: Path | None = None, state: dict | None = None,
+                 attempt: int = 0):
+        if attempt:   # injected faults fire once, in the first life of the pipeline
+            cfg = OmegaConf.merge(cfg, {"faults": {"kill": "", "stall": ""}})
         r, pl = cfg.rollout, cfg.pipeline
-        self.cfg, self.world, self.run_dir, self.resume = cfg, world, run_dir, resume
+        self.cfg, self.world, self.run_dir, self.resume, self.attempt = cfg, world, run_dir, resume, attempt
         version = state["version"] if state else 0
         # a resumed run's generators start from the checkpoint's policy, already at its version
         model_dir = str(resume / "policy") if resume else world.model_dir
@@ -194,16 +188,23 @@ class Pipeline:
         self.store = ray.remote(WeightStore).options(**free).remote(version)
         self.selector = ray.remote(PromptSelector).options(num_cpus=cfg.selector.num_cpus, max_concurrency=4).remote(
             cfg, world.train, self.prompt_q)
-        self.generators = [ray.remote(Generator).options(**generator_placement(cfg), max_concurrency=4)
+        # max_restarts=-1: Ray restarts a dead generator (it reloads the newest weights from the
+        # store); our DeathBudget decides when one has died too often
+        self.generators = [ray.remote(Generator).options(**generator_placement(cfg), max_concurrency=4,
+                                                          max_restarts=-1)
                            .remote(cfg, model_dir, world.tokenizer_dir, self.store, self.prompt_q,
-                                   self.rollout_q, index=i, version=version) for i in range(r.num_generators)]
+                                   self.rollout_q, index=i, version=version, selector=self.selector)
+                           for i in range(r.num_generators)]
         self.rewarder = ray.remote(Rewarder).options(num_cpus=cfg.reward.num_cpus, max_concurrency=4).remote(
             cfg, self.selector, self.rollout_q, self.train_q)
         if state:   # before any loop runs: lost work re-issued, carried groups waiting again
-            ray.get(self.selector.load_state_dict.remote(state["selector"]))
+            ray.get(self.selector.restore.remote(state["selector"]))
             ray.get(self.rewarder.restore.remote(state["carried"], version))
         self.trainer = self._trainer()
         self.loops, self.fit_error, self.fit_thread, self.stop_sent = [], None, None, False
+        self.deaths = DeathBudget(r.max_deaths, r.death_window_min * 60)
+        self.faults = [f for f in parse_faults(cfg.faults.kill) if f.stage != "learner"]   # the learner fires its own
+        self.last_step_at = time.monotonic()
 
     def _trainer(self):
         from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -237,24 +238,82 @@ class Pipeline:
             self.fit_error = e
 
     def next_step(self, stop: "GracefulStop | None" = None) -> dict:
-        """Block until the learner reports its next step; fail loudly if any stage died.
+        """Block until the learner reports its next step; restart dead generators, raise
+        StageFailed for any other dead stage and when no step comes within pipeline.step_timeout_s.
         A requested stop is passed on: the learner checkpoints after the step it is in."""
         while True:
             if stop is not None and stop.requested and not self.stop_sent:
                 ray.get(self.selector.request_stop.remote())
                 self.stop_sent = True
             try:
-                return self.metrics_q.get(timeout=1.0)
-            except Exception as e:
-                if not isinstance(e, ray.util.queue.Empty):
-                    raise
-            done, _ = ray.wait(self.loops, num_returns=len(self.loops), timeout=0)
-            for ref in done:
-                ray.get(ref)   # re-raises the stage's error
-            if done:
-                raise RuntimeError("a pipeline stage stopped before training finished")
-            if self.fit_error:
-                raise RuntimeError(f"the learner failed: {self.fit_error}") from self.fit_error
+                row = self.metrics_q.get(timeout=1.0)
+                self.last_step_at = time.monotonic()
+                self._inject(row["step"])
+                return row
+            except ray.util.queue.Empty:
+                pass
+            self.check_stages()
+            if time.monotonic() - self.last_step_at > self.cfg.pipeline.step_timeout_s:
+                raise StageFailed("watchdog", self._hang_report(), recoverable=False)
+
+    def check_stages(self) -> None:
+        """Restart generators that died (their work is re-issued); any other dead stage fails."""
+        done, _ = ray.wait(self.loops, num_returns=len(self.loops), timeout=0)
+        for ref in done:
+            k = self.loops.index(ref)
+            name = ["selector", "rewarder", *[f"generator {i}" for i in range(len(self.generators))]][k]
+            try:
+                ray.get(ref)
+                why = "its loop ended before training finished"
+            except ray.exceptions.RayActorError as e:
+                if k >= 2:
+                    self._restart_generator(k - 2, e)
+                    continue
+                why = f"the actor died ({one_line(e)})"
+            except Exception as e:   # noqa: BLE001 - a stage's own error, reported in one line
+                why = one_line(e)
+            raise StageFailed(name, why, recoverable=name == "rewarder")
+        if self.fit_error:
+            raise StageFailed("learner", one_line(self.fit_error), recoverable=True)
+
+    def _restart_generator(self, i: int, error: Exception) -> None:
+        n = self.deaths.record(i)
+        if self.deaths.exhausted(i):
+            raise StageFailed(f"generator {i}", f"died {n} times within rollout.death_window_min="
+                              f"{self.cfg.rollout.death_window_min} min (rollout.max_deaths="
+                              f"{self.cfg.rollout.max_deaths}); last error: {one_line(error)}", recoverable=False)
+        lost = ray.get(self.selector.generator_lost.remote(i))
+        log.warning("generator %d died (%s): Ray restarts it; %d prompts it held re-issued", i, one_line(error), lost)
+        self.loops[2 + i] = self.generators[i].run.remote()
+
+    def _inject(self, step: int) -> None:
+        """faults.kill, driver side: SIGKILL a stage's process after `step`, as a crash would."""
+        for f in [f for f in self.faults if f.step == step]:
+            self.faults.remove(f)
+            actor = {"generator": self.generators[min(f.index, len(self.generators) - 1)],
+                     "rewarder": self.rewarder, "selector": self.selector}[f.stage]
+            pid = ray.get(actor.pid.remote())
+            log.warning("faults.kill: SIGKILL %s %d (pid %d) after step %d", f.stage, f.index, pid, step)
+            os.kill(pid, signal.SIGKILL)
+
+    def _hang_report(self) -> str:
+        """What each stage holds when no step came in time, and which one we wait on."""
+        def ask(ref, default):
+            try:
+                return ray.get(ref, timeout=10)
+            except Exception:   # noqa: BLE001 - a frozen actor does not answer: that is the finding
+                return default
+        status = ask(self.selector.status.remote(), None)
+        if status is None:
+            return f"no learner step for {self.cfg.pipeline.step_timeout_s:.0f} s; stalled stage: selector (not answering)"
+        pl = self.cfg.pipeline
+        queues = {"prompt_q": ask(self.prompt_q.actor.qsize.remote(), -1),
+                  "rollout_q": ask(self.rollout_q.actor.qsize.remote(), -1), "rollout_q_max": pl.rollout_queue_size,
+                  "train_q": ask(self.train_q.actor.qsize.remote(), -1), "train_q_max": pl.train_queue_size}
+        log.error("hang report: queues %s; selector %s", queues, status)
+        return (f"no learner step for {pl.step_timeout_s:.0f} s (pipeline.step_timeout_s); stalled stage: "
+                f"{stalled_stage(status, queues, pl.step_timeout_s)}; queues prompt/rollout/train = "
+                f"{queues['prompt_q']}/{queues['rollout_q']}/{queues['train_q']}, ledger {status['ledger']}")
 
     def evaluate(self, weights) -> dict:
         """Held-out accuracy of the policy that produced `weights` (None = initial) on every
@@ -284,9 +343,16 @@ class Pipeline:
         return refs, [p.ground_truth for s in shards for p in s for _ in range(max(k, 1))]
 
     def stop(self) -> None:
+        """End every loop, then kill every actor of this pipeline, so a restart starts clean (the
+        learner's queue goes too, which ends a Ray Train run still waiting on it)."""
         for a in [self.selector, self.rewarder, *self.generators]:
             a.stop.remote()
         ray.wait(self.loops, num_returns=len(self.loops), timeout=10)
+        for a in [self.selector, self.rewarder, *self.generators, self.store,
+                  *[q.actor for q in (self.prompt_q, self.rollout_q, self.train_q, self.metrics_q)]]:
+            ray.kill(a, no_restart=True)
+        if self.fit_thread is not None:
+            self.fit_thread.join(timeout=120)
 
     def finish(self) -> None:
         """After the last step: let Ray Train's fit() return before Ray may shut down."""

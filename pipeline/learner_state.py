@@ -136,12 +136,11 @@ def _np_rng_from(s):
     return s[0], np.asarray(s[1], dtype=np.uint32), s[2], s[3], s[4]
 
 
-def save_policy(directory: Path, model, state: dict[str, torch.Tensor], dtype: str, tokenizer_dir: str) -> None:
+def save_policy(directory: Path, model, state: dict[str, torch.Tensor], dtype: str, tokenizer) -> None:
     """The policy as a Hugging Face model directory in `dtype` (config.json, safetensors shards of
     at most 5 GB, tokenizer files, generation_config.json): what from_pretrained and vLLM load."""
-    from transformers import AutoTokenizer
     torch_dtype = getattr(torch, dtype)
     weights = {k: v.to(torch_dtype) for k, v in state.items()}
     model.config.dtype = torch_dtype               # config.json says what the files hold
     model.save_pretrained(str(directory), state_dict=weights, safe_serialization=True, max_shard_size="5GB")
-    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(str(directory))
+    tokenizer.save_pretrained(str(directory))

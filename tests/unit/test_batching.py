@@ -76,8 +76,27 @@ def test_ledger_accounts_every_ticket_exactly_once():
     led.move(t[5:6], "dropped_stale")
     m = led.metrics()
     assert m == {"ledger/issued": 10, "ledger/trained": 2, "ledger/filtered": 3, "ledger/dropped_stale": 2,
-                 "ledger/carried": 1, "ledger/in_flight": 2}
+                 "ledger/carried": 1, "ledger/in_flight": 2, "ledger/reissued": 0}
     assert m["ledger/issued"] == sum(v for k, v in m.items() if k != "ledger/issued")
+
+
+def test_ledger_reissues_lost_work_by_prompt():
+    """A stop or a dead actor: tickets in rollout or queued retire as `reissued` and hand back
+    their prompts; carried ones (restored elsewhere) and final ones are untouched."""
+    led = Ledger()
+    t = led.issue(6, prompts=[10, 11, 12, 13, 14, 15])
+    led.move(t[:2], "carried")
+    led.move(t[:1], "queued")
+    led.move(t[2:3], "filtered")
+    lost = led.live("rollout", "queued")
+    assert lost == [t[0], t[3], t[4], t[5]]
+    assert led.reissue(lost) == [10, 13, 14, 15]
+    m = led.metrics()
+    assert m["ledger/reissued"] == 4 and m["ledger/in_flight"] == 0 and m["ledger/carried"] == 1
+    assert m["ledger/issued"] == sum(v for k, v in m.items() if k != "ledger/issued")
+    assert led.prompt == {t[1]: 11}             # only live tickets remember their prompt
+    with pytest.raises(LedgerError):
+        led.reissue([t[1]])                      # carried groups are restored, never re-issued
 
 
 @pytest.mark.parametrize("src,to", [("trained", "trained"), ("rollout", "trained"), ("filtered", "carried")])
