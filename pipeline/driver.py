@@ -20,6 +20,7 @@ from actors.learner import train_loop_per_worker
 from actors.rewarder import Rewarder
 from actors.selector import PromptSelector
 from actors.weights import WeightStore
+from pipeline.evaluate import evaluate_sets
 from pipeline.metrics import MetricsLog, Progress
 from pipeline.world import World, load_world
 
@@ -170,31 +171,9 @@ class Pipeline:
                 raise RuntimeError(f"the learner failed: {self.fit_error}") from self.fit_error
 
     def evaluate(self, weights) -> dict:
-        """Held-out accuracy of the policy that produced `weights` (None = initial) on every
-        eval set: greedy `eval/<name>/accuracy`, plus `eval/<name>/avg@k` (mean reward of k
-        samples per prompt) when avg_k > 1. `eval/accuracy` repeats the first set's greedy
-        accuracy: the progress bar and the benchmarks read that one key."""
-        # 1) queue every generation at once, so no generator idles between sets
-        jobs = []   # (metric key, reward kind, (response refs, truths))
-        for s in self.world.eval:
-            jobs.append((f"eval/{s.name}/accuracy", s.reward, self._generate(s.prompts, weights, 0)))
-            if s.avg_k > 1:
-                jobs.append((f"eval/{s.name}/avg@{s.avg_k}", s.reward, self._generate(s.prompts, weights, s.avg_k)))
-        # 2) grade each job as its responses arrive, with its set's own scorer
-        graded = {key: self.rewarder.accuracy.remote([t for _, ts in ray.get(refs) for t in ts], truths, reward)
-                  for key, reward, (refs, truths) in jobs}
-        row = {key: ray.get(ref) for key, ref in graded.items()}
-        row.update({f"eval/{s.name}/prompts": len(s.prompts) for s in self.world.eval})
-        row["eval/accuracy"] = row[f"eval/{self.world.eval[0].name}/accuracy"]
-        return row
-
-    def _generate(self, prompts: list, weights, k: int) -> tuple[list, list[str]]:
-        """Shard prompts over the generators (k = 0 greedy, else k samples each); returns the
-        response refs and the ground truth of every response, in the same order."""
-        shards = [prompts[i::len(self.generators)] for i in range(len(self.generators))]
-        refs = [g.evaluate.remote(s, self.cfg.rollout.max_new_tokens, weights, k)
-                for g, s in zip(self.generators, shards) if s]
-        return refs, [p.ground_truth for s in shards for p in s for _ in range(max(k, 1))]
+        """eval/* metrics of the policy that produced `weights` (None = initial), computed as
+        `python -m pipeline.evaluate` computes them for a saved model."""
+        return evaluate_sets(self.generators, self.rewarder, self.world.eval, self.cfg, weights)
 
     def stop(self) -> None:
         for a in [self.selector, self.rewarder, *self.generators]:
