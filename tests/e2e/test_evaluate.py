@@ -69,4 +69,5 @@ def test_cli_usage_and_config_errors(tmp_path, random_world, capsys):
     model = tmp_path / "model"
     shutil.copytree(random_world.model_dir, model)
     assert evaluate.main([str(model), "eval.sets.0.limt=3"]) == 2
-    assert capsys.readouterr().err.strip() == "config error: eval.sets.0.limt: unknown key (did you mean eval.sets.0.limit?)"
+    err = capsys.readouterr().err.strip()
+    assert err == "config error: eval.sets.0.limt: unknown key (did you mean eval.sets.0.limit?)"
