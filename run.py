@@ -28,9 +28,10 @@ def main(argv: list[str]) -> int:
     from pipeline.checkpoint import ResumeError
     from pipeline.driver import run
     from pipeline.lifecycle import RunFailed
+    from pipeline.metrics import MetricsError
     try:
         run_dir = run(cfg)
-    except ResumeError as e:
+    except (ResumeError, MetricsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except RunFailed as e:      # a stage died for good, or the watchdog found a hang: one line, how to resume

@@ -35,7 +35,8 @@ MUST_MATCH = ("selector.name", "rollout.n", "train.batch_size", "model.path", "m
               "data.train", "data.limit", "data.max_prompt_tokens", "data.tiny.num_train",
               "data.tiny.num_eval", "data.tiny.warm_target", "reward.kind", "run.seed")
 # What a run directory holds; run.overwrite=true removes exactly these.
-RUN_OUTPUTS = ("metrics.jsonl", "config.yaml", CHECKPOINTS, "final", "ray_train", "loggers")
+RUN_OUTPUTS = ("metrics.jsonl", "config.yaml", CHECKPOINTS, "final", "ray_train", "tensorboard", "wandb",
+               "wandb_run_id")
 
 
 class ResumeError(ValueError):

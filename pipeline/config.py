@@ -7,6 +7,7 @@ here (no torch, no ray) so a bad key fails in well under a second.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 SELECTORS = ("greso", "mopps", "dynamic_sampling", "none")
 ENGINES = ("auto", "vllm", "hf")
 REWARDS = ("math", "tiny")
+LOGGERS = ("jsonl", "tensorboard", "wandb")   # metric sinks (pipeline/sinks.py); each but jsonl an optional extra
 SET_NAME = re.compile(r"[A-Za-z0-9_.-]+")   # a set's name goes into metric keys: eval/<name>/accuracy
 
 
@@ -35,6 +37,7 @@ class RunSection:
     seed: int = 0                      # seeds data order, selector RNG, sampling, init
     resume: str = "auto"               # auto: continue from the newest complete checkpoint in run.dir, if any | never | a checkpoint path
     overwrite: bool = False            # with nothing to resume: replace a previous run in run.dir instead of refusing
+    loggers: List[str] = field(default_factory=lambda: ["jsonl"])  # jsonl (always) + tensorboard | wandb
 
 
 @dataclass
@@ -326,6 +329,7 @@ def validate(cfg: DictConfig) -> None:
            f"must be auto, never or a checkpoint directory, got {cfg.run.resume!r}")
     _check(cfg.eval.every >= 0, "eval.every", "must be >= 0")
     _check_eval_sets(cfg.eval.sets)
+    _check_loggers(list(cfg.run.loggers))
     _check(cfg.model.dtype in ("float32", "bfloat16"), "model.dtype", "must be float32 or bfloat16")
     _check_data(cfg)
 
@@ -358,6 +362,18 @@ def _check_eval_sets(sets) -> None:
         _check(s.limit is None or s.limit >= 1, f"{key}.limit", f"must be >= 1 or null (all), got {s.limit}")
         _check(s.avg_k >= 1, f"{key}.avg_k", f"must be >= 1 (1 = greedy only), got {s.avg_k}")
         _check(s.reward in ("", *REWARDS), f"{key}.reward", f"must be '' (= reward.kind), math or tiny, got {s.reward!r}")
+
+
+def _check_loggers(names: list[str]) -> None:
+    """Known, once each, jsonl among them; an optional sink's package must be installed (found, not imported)."""
+    for name in names:
+        _check(name in LOGGERS, "run.loggers", f"unknown logger {name!r}: choose from {LOGGERS}")
+    _check(len(set(names)) == len(names), "run.loggers", f"lists a logger twice: {names}")
+    _check("jsonl" in names, "run.loggers",
+           "must include jsonl: metrics.jsonl is the run's record (resume and reports read it)")
+    for name in names:
+        _check(name == "jsonl" or importlib.util.find_spec(name) is not None, "run.loggers",
+               f"{name} needs the {name} package: pip install 'greso[{name}]' (or pip install {name})")
 
 
 def _looks_like_path(value: str) -> bool:

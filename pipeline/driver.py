@@ -29,7 +29,9 @@ from pipeline.checkpoint import step_dir
 from pipeline.faults import DeathBudget, StageFailed, one_line, stalled_stage
 from pipeline.faults import parse as parse_faults
 from pipeline.lifecycle import GracefulStop, RunFailed, plan_restart, plan_resume, resume_command
-from pipeline.metrics import MetricsLog, Progress
+from pipeline.evaluate import evaluate_sets
+from pipeline.metrics import Progress
+from pipeline.sinks import open_sinks
 from pipeline.world import World, load_world
 
 log = logging.getLogger(__name__)
@@ -78,11 +80,12 @@ def _attempt(cfg, world, run_dir: Path, plan, state, stop, attempt: int) -> int:
     total, step = cfg.trainer.total_steps, plan.step
     try:
         p.start()
-        with MetricsLog(run_dir / "metrics.jsonl", resume_after_step=plan.step if state or attempt else None) \
-                as mlog, Progress(total, initial=plan.step) as bar:
+        # a resume keeps the rows up to its checkpoint; a restart with no checkpoint yet keeps none
+        keep = plan.step if state else (-1 if attempt else None)
+        with open_sinks(cfg, run_dir, resume_after_step=keep) as mlog, Progress(total, initial=plan.step) as bar:
             if not state:
                 mlog.write({"step": 0, "policy_version": 0, **p.evaluate(None)})
-            elif mlog.last_step < plan.step:   # the checkpoint was saved, its row never written
+            elif (mlog.metrics.last_step or 0) < plan.step:   # the checkpoint was saved, its row never written
                 mlog.write({**state["row"], **(p.evaluate(None) if _eval_due(cfg, plan.step) else {})})
             for step in range(plan.step + 1, total + 1):
                 row = p.next_step(stop)
@@ -316,31 +319,9 @@ class Pipeline:
                 f"{queues['prompt_q']}/{queues['rollout_q']}/{queues['train_q']}, ledger {status['ledger']}")
 
     def evaluate(self, weights) -> dict:
-        """Held-out accuracy of the policy that produced `weights` (None = initial) on every
-        eval set: greedy `eval/<name>/accuracy`, plus `eval/<name>/avg@k` (mean reward of k
-        samples per prompt) when avg_k > 1. `eval/accuracy` repeats the first set's greedy
-        accuracy: the progress bar and the benchmarks read that one key."""
-        # 1) queue every generation at once, so no generator idles between sets
-        jobs = []   # (metric key, reward kind, (response refs, truths))
-        for s in self.world.eval:
-            jobs.append((f"eval/{s.name}/accuracy", s.reward, self._generate(s.prompts, weights, 0)))
-            if s.avg_k > 1:
-                jobs.append((f"eval/{s.name}/avg@{s.avg_k}", s.reward, self._generate(s.prompts, weights, s.avg_k)))
-        # 2) grade each job as its responses arrive, with its set's own scorer
-        graded = {key: self.rewarder.accuracy.remote([t for _, ts in ray.get(refs) for t in ts], truths, reward)
-                  for key, reward, (refs, truths) in jobs}
-        row = {key: ray.get(ref) for key, ref in graded.items()}
-        row.update({f"eval/{s.name}/prompts": len(s.prompts) for s in self.world.eval})
-        row["eval/accuracy"] = row[f"eval/{self.world.eval[0].name}/accuracy"]
-        return row
-
-    def _generate(self, prompts: list, weights, k: int) -> tuple[list, list[str]]:
-        """Shard prompts over the generators (k = 0 greedy, else k samples each); returns the
-        response refs and the ground truth of every response, in the same order."""
-        shards = [prompts[i::len(self.generators)] for i in range(len(self.generators))]
-        refs = [g.evaluate.remote(s, self.cfg.rollout.max_new_tokens, weights, k)
-                for g, s in zip(self.generators, shards) if s]
-        return refs, [p.ground_truth for s in shards for p in s for _ in range(max(k, 1))]
+        """eval/* metrics of the policy that produced `weights` (None = initial), computed as
+        `python -m pipeline.evaluate` computes them for a saved model."""
+        return evaluate_sets(self.generators, self.rewarder, self.world.eval, self.cfg, weights)
 
     def stop(self) -> None:
         """End every loop, then kill every actor of this pipeline, so a restart starts clean (the
