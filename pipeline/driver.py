@@ -262,8 +262,8 @@ class Pipeline:
     def check_stages(self) -> None:
         """Restart generators that died (their work is re-issued); any other dead stage fails."""
         done, _ = ray.wait(self.loops, num_returns=len(self.loops), timeout=0)
-        for ref in done:
-            k = self.loops.index(ref)
+        for k in sorted(self.loops.index(ref) for ref in done):   # the selector first: others fail after it
+            ref = self.loops[k]
             name = ["selector", "rewarder", *[f"generator {i}" for i in range(len(self.generators))]][k]
             try:
                 ray.get(ref)
