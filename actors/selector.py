@@ -18,8 +18,8 @@ from queue import Full
 
 import numpy as np
 
-from pipeline.batching import Ledger, rollout_demand
-from pipeline.selection import EASY, HARD, DataCursor, classify, make_selector, pick
+from pipeline.batching import Ledger, request_sizes, rollout_demand, streaming_size
+from pipeline.selection import EASY, HARD, DataCursor, make_selector, pick, zero_variance
 from pipeline.types import Prompt, Request
 
 
@@ -39,6 +39,9 @@ class PromptSelector:
         self.prior_rate: dict[int, float | None] = {}    # ticket -> solve rate known when it was issued
         self.probe_why: dict[int, str] = {}              # probe ticket -> why its prompt was skipped
         self.pending: deque[Request] = deque()           # issued requests the queue had no room for
+        self.round = {"batch": 0, "zv": 0, "groups": 0}  # paper sizing: batch the last round filled, its zero-variance count
+        S = cfg.pipeline.max_staleness
+        self.max_in_flight = cfg.pipeline.max_in_flight or 2 * (S + 1) * cfg.rollout.sampling_batch
         self.lock = threading.Lock()
         self.stopped = False
 
@@ -48,18 +51,13 @@ class PromptSelector:
 
     def issue(self) -> list[Request]:
         """Pick and ticket as many prompts as the pipeline is missing; returns new requests."""
-        c, zvr = self.ledger.count, self.zero_variance_ratio()
-        steps_allowed = min(self.cfg.trainer.total_steps, self.version + 1 + self.cfg.pipeline.max_staleness)
-        yield_rate = 1.0 - zvr if self.selector.post_filter else 1.0
-        missing = rollout_demand(steps_allowed=steps_allowed, batch_size=self.batch_size,
-                                 groups_committed=c["trained"] + c["queued"] + c["carried"],
-                                 prompts_in_rollout=c["rollout"], yield_rate=yield_rate)
-        n = self.selector.sampling_size(missing, zvr)
+        n = self._issue_size()
         if n == 0:
             return []
         picked = pick(self.selector, self.cursor, self.uids, n)
         self.window.update({f"skipped_{k}": v for k, v in picked.skipped.items()})
         self.window["prompts"] += n
+        self.window["issues"] += 1
         indices = picked.indices + [i for i, _ in picked.probes]
         tickets = self.ledger.issue(len(indices))
         for t, i in zip(tickets, picked.indices):
@@ -67,9 +65,44 @@ class PromptSelector:
         for t, (_, why) in zip(tickets[n:], picked.probes):
             self.probe_why[t] = why
         probe = (False,) * n + (True,) * len(picked.probes)
-        size = self.cfg.rollout.request_size
-        return [Request(tuple(tickets[i:i + size]), tuple(self.prompts[j] for j in indices[i:i + size]),
-                        min_version=self.version, probe=probe[i:i + size]) for i in range(0, len(indices), size)]
+        requests, start = [], 0
+        for size in request_sizes(len(indices), self.cfg.rollout.request_size):
+            part = slice(start, start + size)
+            requests.append(Request(tuple(tickets[part]), tuple(self.prompts[j] for j in indices[part]),
+                                    min_version=self.version, probe=probe[part]))
+            start += size
+        return requests
+
+    def _issue_size(self) -> int:
+        """How many prompts to issue now: the paper's rounds, or streaming (just in time)."""
+        c, total = self.ledger.count, self.cfg.trainer.total_steps
+        steps_allowed = min(total, self.version + 1 + self.cfg.pipeline.max_staleness)
+        committed = c["trained"] + c["queued"] + c["carried"]
+        if self.cfg.selector.sizing == "paper":
+            return self._paper_round(steps_allowed, committed, c["rollout"])
+        zvr = self.zero_variance_ratio()
+        yield_rate = 1.0 - zvr if self.selector.post_filter else 1.0
+        missing = rollout_demand(steps_allowed=steps_allowed, batch_size=self.batch_size,
+                                 groups_committed=committed, prompts_in_rollout=c["rollout"], yield_rate=yield_rate)
+        return streaming_size(missing, yield_rate, request_size=self.cfg.rollout.request_size,
+                              in_rollout=c["rollout"], max_in_flight=self.max_in_flight,
+                              ending=steps_allowed == total)
+
+    def _paper_round(self, steps_allowed: int, committed: int, in_rollout: int) -> int:
+        """One round at a time, as the authors' loop: the next starts when the last is scored.
+
+        A batch's first round is the sampling batch; later ones the selector's adaptive size
+        from the zero-variance share of the round before.
+        """
+        missing = steps_allowed * self.batch_size - committed
+        if in_rollout or missing <= 0:
+            return 0
+        batch = committed // self.batch_size + 1
+        r = self.round
+        zvr = r["zv"] / r["groups"] if r["groups"] else 0.0
+        n = self.selector.sampling_size(missing, zvr, first_round=batch != r["batch"])
+        self.round = {"batch": batch, "zv": 0, "groups": 0}
+        return n
 
     def pump(self) -> None:
         """Issue what is missing and push pending requests without ever blocking."""
@@ -98,7 +131,7 @@ class PromptSelector:
         response_len}, then (queued, dropped-stale) tickets of each batch it cut."""
         with self.lock:
             for r in results:
-                kind = classify(r["rewards"])
+                kind = self.selector.classify(r["rewards"])
                 self.selector.observe(r["uid"], r["rewards"])
                 self.ledger.move([r["ticket"]], r["fate"])
                 if r["fate"] == "probed":     # measured apart: no controller, ratio or sample counts
@@ -108,8 +141,12 @@ class PromptSelector:
                     continue
                 if r["fate"] == "filtered":
                     self._retire([r["ticket"]])
-                self.recent_zv.append(kind != "mixed")
+                zv = zero_variance(r["rewards"])
+                self.recent_zv.append(zv)
+                self.round["zv"] += zv
+                self.round["groups"] += 1
                 self.window[kind] += 1
+                self.window["zero_variance"] += zv
                 self.window["samples"] += len(r["rewards"])
                 self.window["reward_sum"] += sum(r["rewards"])
                 self.window["response_len_sum"] += r["response_len"]
@@ -133,7 +170,7 @@ class PromptSelector:
             groups = w[EASY] + w[HARD] + w["mixed"]
             easy, hard = (w[EASY] / groups, w[HARD] / groups) if groups else (0.0, 0.0)
             if groups:   # a step that rolled nothing out says nothing about p_easy / p_hard
-                self.selector.end_step(easy, hard)
+                self.selector.end_step(easy, hard, epoch=self.cursor.epoch)
             snapshot = self._snapshot(w, groups, easy, hard)
             self.window = Counter()
             return snapshot
@@ -157,7 +194,8 @@ class PromptSelector:
         p = getattr(self.selector, "p", {})
         return {"rollout/prompts": w["prompts"], "rollout/groups": groups, "rollout/samples": w["samples"],
                 "reward/mean": w["reward_sum"] / w["samples"] if w["samples"] else 0.0,
-                "rollout/zero_variance_ratio": easy + hard, "rollout/easy_ratio": easy,
+                "rollout/zero_variance_ratio": w["zero_variance"] / groups if groups else 0.0,
+                "rollout/easy_ratio": easy, "rollout/issues": w["issues"],
                 "rollout/hard_ratio": hard, "rollout/response_len_mean":
                 w["response_len_sum"] / w["samples"] if w["samples"] else 0.0,
                 "time/generate": w["gen_seconds"], "time/weight_sync": w["sync_seconds"],
@@ -189,7 +227,8 @@ class PromptSelector:
     def state_dict(self) -> dict:
         with self.lock:
             return {"selector": self.selector.state_dict(), "cursor": self.cursor.state_dict(),
-                    "ledger": self.ledger.state_dict(), "version": self.version, "probes": dict(self.probes)}
+                    "ledger": self.ledger.state_dict(), "version": self.version, "probes": dict(self.probes),
+                    "round": dict(self.round), "recent_zv": [bool(z) for z in self.recent_zv]}
 
     def load_state_dict(self, state: dict) -> None:
         with self.lock:
@@ -198,3 +237,6 @@ class PromptSelector:
             self.ledger.load_state_dict(state["ledger"])
             self.version = state["version"]
             self.probes = Counter(state.get("probes", {}))
+            self.round = dict(state.get("round", self.round))
+            self.recent_zv.clear()
+            self.recent_zv.extend(state.get("recent_zv", ()))

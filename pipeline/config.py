@@ -17,6 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 SELECTORS = ("greso", "mopps", "dynamic_sampling", "none")
+SIZINGS = ("paper", "streaming")
 ENGINES = ("auto", "vllm", "hf")
 REWARDS = ("math", "tiny")
 SET_NAME = re.compile(r"[A-Za-z0-9_.-]+")   # a set's name goes into metric keys: eval/<name>/accuracy
@@ -73,7 +74,11 @@ class SelectorSection:
     p_min: float = 0.05                # controller lower bound
     p_max: float = 0.95                # controller upper bound
     keep_floor: float = 0.01           # a prompt is kept with probability at least this
-    oversample: float = 1.25           # adaptive size = ceil(k / (1 - zvr) * oversample)
+    oversample: float = 1.25           # paper sizing: later rounds int(oversample * missing / (1 - zvr of the last round))
+    sizing: str = "streaming"          # paper: the authors' rounds (sampling batch, then adaptive) | streaming: just in time (async)
+    min_sampling: int = 64             # paper sizing: smallest later round (the authors' 64)
+    easy_mean_min: float = 0.98        # a group is easy when its mean reward is >= this (the authors' value)
+    hard_mean_max: float = 0.11        # a group is hard when its mean reward is <= this (the authors' value)
     probe_fraction: float = 0.02       # probes per prompt kept: skips rolled out anyway, never trained on
     mopps_decay: float = 1.0           # MoPPS λ: posterior decays toward the Beta(1,1) prior each update; 1 = no decay
     mopps_mode: str = "closest"        # closest: sampled rates nearest mopps_target | band: rates in the band
@@ -146,6 +151,7 @@ class TrainSection:
 @dataclass
 class PipelineSection:
     max_staleness: int = 1             # policy versions data may lag the update that uses it
+    max_in_flight: int = 0             # prompts in rollout at most, whatever the yield estimate; 0 = 2 x (max_staleness + 1) x rollout.sampling_batch
     prompt_queue_size: int = 8         # requests waiting for a generator
     rollout_queue_size: int = 16       # generated requests waiting for the rewarder
     train_queue_size: int = 1          # full batches waiting for the learner
@@ -256,6 +262,10 @@ def validate(cfg: DictConfig) -> None:
         _check(s.p_min <= s[key] <= s.p_max, f"selector.{key}", f"must lie in [p_min, p_max], got {s[key]}")
     _check(0 < s.keep_floor < 1, "selector.keep_floor", "must lie in (0, 1)")
     _check(s.oversample >= 1, "selector.oversample", "must be >= 1")
+    _check(s.sizing in SIZINGS, "selector.sizing", f"must be one of {SIZINGS}, got {s.sizing!r}")
+    _check(s.min_sampling >= 1, "selector.min_sampling", f"must be >= 1, got {s.min_sampling}")
+    _check(0 <= s.hard_mean_max < s.easy_mean_min <= 1, "selector.easy_mean_min",
+           f"need 0 <= hard_mean_max < easy_mean_min <= 1, got {s.hard_mean_max} / {s.easy_mean_min}")
     _check(0 <= s.probe_fraction < 1, "selector.probe_fraction", f"must lie in [0, 1), got {s.probe_fraction}")
     _check(0 < s.mopps_decay <= 1, "selector.mopps_decay", f"must lie in (0, 1], got {s.mopps_decay}")
     _check(s.mopps_mode in ("closest", "band"), "selector.mopps_mode", "must be closest or band")
@@ -291,6 +301,7 @@ def validate(cfg: DictConfig) -> None:
     _check(t.kl_coef >= 0, "train.kl_coef", "must be >= 0")
     _check(t.tis_cap == 0 or t.tis_cap >= 1, "train.tis_cap", f"must be 0 (off) or >= 1, got {t.tis_cap}")
     _check(cfg.pipeline.max_staleness >= 0, "pipeline.max_staleness", "must be >= 0")
+    _check(cfg.pipeline.max_in_flight >= 0, "pipeline.max_in_flight", "must be >= 0 (0 = automatic)")
     for key in ("prompt_queue_size", "rollout_queue_size", "train_queue_size"):
         _check(cfg.pipeline[key] >= 1, f"pipeline.{key}", "must be >= 1")
     _check(cfg.trainer.total_steps >= 1, "trainer.total_steps", "must be >= 1")
