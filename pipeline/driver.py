@@ -179,7 +179,8 @@ class Pipeline:
         for s in self.world.eval:
             jobs.append((f"eval/{s.name}/accuracy", s.reward, self._generate(s.prompts, weights, 0)))
             if s.avg_k > 1:
-                jobs.append((f"eval/{s.name}/avg@{s.avg_k}", s.reward, self._generate(s.prompts, weights, s.avg_k)))
+                jobs.append((f"eval/{s.name}/avg@{s.avg_k}", s.reward,
+                             self._generate(s.prompts, weights, s.avg_k, s.top_p)))
         # 2) grade each job as its responses arrive, with its set's own scorer
         graded = {key: self.rewarder.accuracy.remote([t for _, ts in ray.get(refs) for t in ts], truths, reward)
                   for key, reward, (refs, truths) in jobs}
@@ -188,11 +189,11 @@ class Pipeline:
         row["eval/accuracy"] = row[f"eval/{self.world.eval[0].name}/accuracy"]
         return row
 
-    def _generate(self, prompts: list, weights, k: int) -> tuple[list, list[str]]:
+    def _generate(self, prompts: list, weights, k: int, top_p: float | None = None) -> tuple[list, list[str]]:
         """Shard prompts over the generators (k = 0 greedy, else k samples each); returns the
         response refs and the ground truth of every response, in the same order."""
         shards = [prompts[i::len(self.generators)] for i in range(len(self.generators))]
-        refs = [g.evaluate.remote(s, self.cfg.rollout.max_new_tokens, weights, k)
+        refs = [g.evaluate.remote(s, self.cfg.rollout.max_new_tokens, weights, k, top_p)
                 for g, s in zip(self.generators, shards) if s]
         return refs, [p.ground_truth for s in shards for p in s for _ in range(max(k, 1))]
 
