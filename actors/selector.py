@@ -84,9 +84,10 @@ class PromptSelector:
         yield_rate = 1.0 - zvr if self.selector.post_filter else 1.0
         missing = rollout_demand(steps_allowed=steps_allowed, batch_size=self.batch_size,
                                  groups_committed=committed, prompts_in_rollout=c["rollout"], yield_rate=yield_rate)
+        short_batch = committed // self.batch_size + 1      # the first batch still being filled
         return streaming_size(missing, yield_rate, request_size=self.cfg.rollout.request_size,
                               in_rollout=c["rollout"], max_in_flight=self.max_in_flight,
-                              ending=steps_allowed == total)
+                              urgent=short_batch <= self.version + 2, ending=steps_allowed == total)
 
     def _paper_round(self, steps_allowed: int, committed: int, in_rollout: int) -> int:
         """One round at a time, as the authors' loop: the next starts when the last is scored.

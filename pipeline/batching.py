@@ -129,15 +129,18 @@ def rollout_demand(*, steps_allowed: int, batch_size: int, groups_committed: int
 
 
 def streaming_size(missing: int, yield_rate: float, *, request_size: int, in_rollout: int,
-                   max_in_flight: int, ending: bool = False) -> int:
+                   max_in_flight: int, urgent: bool = False, ending: bool = False) -> int:
     """Prompts to issue now when asynchronous: just what is missing, in generator-sized units.
 
     No oversampling: the selector runs continuously, so a shortfall is topped up as soon as
     results show it, while a surplus beyond the last batch the staleness bound allows is
     generated only to expire (that was 10-18% of issued prompts with the paper's x1.25).
-    Below one request's worth, wait while other prompts are in rollout (their results
-    refine the estimate); with nothing in rollout, issue one request. `max_in_flight` bounds
-    what is in rollout whatever the yield estimate says (zvr -> 1 asks for ~100x).
+    Below one request's worth: wait while other prompts are in rollout (their results
+    refine the estimate); with nothing in rollout, top up exactly what is missing if the
+    batch it completes is one the learner takes next (`urgent`: waiting would idle it, and
+    a full request's surplus would expire), else wait until the next policy version adds
+    a batch and the top-up rides in a full request. `max_in_flight` bounds what is in
+    rollout whatever the yield estimate says (zvr -> 1 asks for ~100x).
     """
     room = max_in_flight - in_rollout
     if missing <= 0 or room <= 0:
@@ -145,7 +148,7 @@ def streaming_size(missing: int, yield_rate: float, *, request_size: int, in_rol
     n = min(math.ceil(missing / max(yield_rate, 1e-2) - 1e-9), room)
     if n >= request_size or ending:
         return n
-    return 0 if in_rollout > 0 else min(request_size, room)
+    return n if in_rollout == 0 and urgent else 0
 
 
 def request_sizes(n: int, request_size: int) -> list[int]:

@@ -122,8 +122,9 @@ def test_streaming_size_issues_what_is_missing_in_request_units():
     from pipeline.batching import streaming_size
     kw = dict(request_size=16, max_in_flight=200)
     assert streaming_size(32, 0.5, in_rollout=0, **kw) == 64            # no oversampling
-    assert streaming_size(3, 0.5, in_rollout=20, **kw) == 0             # small need: wait for results in flight
-    assert streaming_size(3, 0.5, in_rollout=0, **kw) == 16             # nothing in flight: one request
+    assert streaming_size(3, 0.5, in_rollout=20, urgent=True, **kw) == 0  # small need: wait for results in flight
+    assert streaming_size(3, 0.5, in_rollout=0, urgent=True, **kw) == 6   # the learner's next batch: exactly
+    assert streaming_size(3, 0.5, in_rollout=0, **kw) == 0              # a later batch: ride the next full request
     assert streaming_size(3, 0.5, in_rollout=0, ending=True, **kw) == 6  # the run's last batch: exactly
     assert streaming_size(32, 0.0, in_rollout=150, **kw) == 50          # zvr 1: bounded by what may be in flight
     assert streaming_size(32, 0.5, in_rollout=200, **kw) == 0
