@@ -337,6 +337,10 @@ def print_table(rows: list[dict]) -> None:
                       for k, _, w, fmt in COLUMNS))
     base = next((r for r in rows if r["selector"] == "dynamic_sampling"), None)
     for r in rows:
+        if base and r["selector"] == "none":   # trains B groups a step, of which only the mixed carry signal
+            print(f"none vs dynamic_sampling: rollouts x{r['samples'] / base['samples']:.2f}, rollouts per effective "
+                  f"group x{r['rollouts_per_effective'] / base['rollouts_per_effective']:.2f} "
+                  f"({r['effective_groups'] / base['effective_groups']:.2f} of the effective groups)")
         if base and r["selector"] not in ("none", "dynamic_sampling"):
             probes = (f" (x{(r['samples'] - r['probe_samples']) / base['samples']:.2f} without its probe rollouts)"
                       if r["probe_samples"] else "")

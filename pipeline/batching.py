@@ -132,9 +132,11 @@ def streaming_size(missing: int, yield_rate: float, *, request_size: int, in_rol
                    max_in_flight: int, urgent: bool = False, ending: bool = False) -> int:
     """Prompts to issue now when asynchronous: just what is missing, in generator-sized units.
 
-    No oversampling: the selector runs continuously, so a shortfall is topped up as soon as
-    results show it, while a surplus beyond the last batch the staleness bound allows is
-    generated only to expire (that was 10-18% of issued prompts with the paper's x1.25).
+    No oversampling, rather the opposite: the first issue aims one standard deviation of the
+    yield, sqrt(missing * (1 - yield)) groups, below the need. A shortfall is topped up as
+    soon as results show it, while a surplus beyond the last batch the staleness bound
+    allows is generated only to expire (10-18% of issued prompts with the paper's x1.25 on
+    tiny, 3.8% aiming at the need itself, 2.1% with this margin).
     Below one request's worth: wait while other prompts are in rollout (their results
     refine the estimate); with nothing in rollout, top up exactly what is missing if the
     batch it completes is one the learner takes next (`urgent`: waiting would idle it, and
@@ -145,10 +147,15 @@ def streaming_size(missing: int, yield_rate: float, *, request_size: int, in_rol
     room = max_in_flight - in_rollout
     if missing <= 0 or room <= 0:
         return 0
-    n = min(math.ceil(missing / max(yield_rate, 1e-2) - 1e-9), room)
+    y = max(yield_rate, 1e-2)
+    # aim one standard deviation of the yield below the need: a shortfall costs an exact top-up,
+    # a surplus at the top of the staleness window expires
+    margin = 0.0 if ending else math.sqrt(missing * (1.0 - y))
+    n = min(math.ceil((missing - margin) / y - 1e-9), room)
     if n >= request_size or ending:
         return n
-    return n if in_rollout == 0 and urgent else 0
+    n = min(math.ceil(missing / y - 1e-9), room)      # the top-up itself: exactly what is missing
+    return n if in_rollout == 0 and (urgent or n >= request_size) else 0
 
 
 def request_sizes(n: int, request_size: int) -> list[int]:

@@ -121,7 +121,9 @@ def test_rollout_demand(kw, expected):
 def test_streaming_size_issues_what_is_missing_in_request_units():
     from pipeline.batching import streaming_size
     kw = dict(request_size=16, max_in_flight=200)
-    assert streaming_size(32, 0.5, in_rollout=0, **kw) == 64            # no oversampling
+    assert streaming_size(32, 0.5, in_rollout=0, **kw) == 56            # aims 1 sd (4 groups) below the need
+    assert streaming_size(32, 1.0, in_rollout=0, **kw) == 32            # certain yield: exactly the need
+    assert streaming_size(8, 0.5, in_rollout=0, **kw) == 16             # margin below one request: the need itself
     assert streaming_size(3, 0.5, in_rollout=20, urgent=True, **kw) == 0  # small need: wait for results in flight
     assert streaming_size(3, 0.5, in_rollout=0, urgent=True, **kw) == 6   # the learner's next batch: exactly
     assert streaming_size(3, 0.5, in_rollout=0, **kw) == 0              # a later batch: ride the next full request
