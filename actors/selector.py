@@ -39,7 +39,8 @@ class PromptSelector:
         self.prior_rate: dict[int, float | None] = {}    # ticket -> solve rate known when it was issued
         self.probe_why: dict[int, str] = {}              # probe ticket -> why its prompt was skipped
         self.pending: deque[Request] = deque()           # issued requests the queue had no room for
-        self.round = {"batch": 0, "zv": 0, "groups": 0}  # paper sizing: batch the last round filled, its zero-variance count
+        # paper sizing: the batch the last round filled and that round's zero-variance count
+        self.round = {"batch": 0, "zv": 0, "groups": 0}
         S = cfg.pipeline.max_staleness
         self.max_in_flight = cfg.pipeline.max_in_flight or 2 * (S + 1) * cfg.rollout.sampling_batch
         self.lock = threading.Lock()

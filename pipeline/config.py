@@ -58,7 +58,7 @@ class TinySection:
 
 @dataclass
 class DataSection:
-    train: Any = "tiny"                # parquet (verl layout) / jsonl path / HF dataset name / "tiny", or a list of them
+    train: Any = "tiny"                # parquet (verl) / jsonl / HF dataset name / "tiny", or a list of them
     limit: Optional[int] = None        # use at most this many training rows
     max_prompt_tokens: int = 1024      # longer prompts are skipped and counted
     tiny: TinySection = field(default_factory=TinySection)
@@ -74,8 +74,8 @@ class SelectorSection:
     p_min: float = 0.05                # controller lower bound
     p_max: float = 0.95                # controller upper bound
     keep_floor: float = 0.01           # a prompt is kept with probability at least this
-    oversample: float = 1.25           # paper sizing: later rounds int(oversample * missing / (1 - zvr of the last round))
-    sizing: str = "streaming"          # paper: the authors' rounds (sampling batch, then adaptive) | streaming: just in time (async)
+    oversample: float = 1.25           # paper sizing: later rounds int(oversample * missing / (1 - last zvr))
+    sizing: str = "streaming"          # paper: the authors' rounds | streaming: just in time (async)
     min_sampling: int = 64             # paper sizing: smallest later round (the authors' 64)
     easy_mean_min: float = 0.98        # a group is easy when its mean reward is >= this (the authors' value)
     hard_mean_max: float = 0.11        # a group is hard when its mean reward is <= this (the authors' value)
@@ -119,7 +119,7 @@ class RewardSection:
     kind: str = "math"                 # math (math-verify on \boxed{}) | tiny (reversed-sum exact match)
     timeout_s: float = 5.0             # per-response grading timeout
     max_chars: int = 10_000            # grade only the last max_chars of a response
-    format_score: float = 0.0          # math: reward of an extracted but wrong \\boxed answer (the authors' 0.1); eval never uses it
+    format_score: float = 0.0          # math: a boxed but wrong answer (the authors' 0.1); not in eval
     num_threads: int = 4               # grading threads inside the rewarder
     num_cpus: float = 1.0              # CPUs reserved for the rewarder actor
 
@@ -131,7 +131,7 @@ class TrainSection:
     cpus_per_worker: float = 1.0       # CPUs reserved per Ray Train worker
     gpus_per_worker: float = 1.0       # GPUs per worker when use_gpu (< 1 shares a GPU with generators)
     batch_size: int = 256              # B: effective prompt groups per training step
-    mini_batch_size: Optional[int] = None  # prompt groups per optimiser step (verl ppo_mini_batch_size); None = batch_size
+    mini_batch_size: Optional[int] = None  # groups per optimiser step (ppo_mini_batch_size); None = batch
     micro_batch_size: int = 64         # samples per forward/backward on one worker
     micro_batch_tokens: int = 0        # if > 0: cut micro-batches by this token budget instead
     strategy: str = "auto"             # ddp | fsdp | auto (fsdp with GPUs, ddp over gloo on CPU)
@@ -148,14 +148,14 @@ class TrainSection:
     adv_norm: str = "std"              # std (GRPO) | mean (Dr.GRPO)
     kl_coef: float = 0.0               # k3 KL to the initial policy; 0 = none (paper)
     entropy_coef: float = 0.0          # entropy bonus in the loss (the authors' 0.001)
-    clip_ratio_c: Optional[float] = None  # dual clip bound (> 1) for negative advantages; None = off (as the authors' fork)
+    clip_ratio_c: Optional[float] = None  # dual clip (> 1) for A < 0; None = off (the authors')
     tis_cap: float = 2.0               # truncated importance weight cap for off-policy data; 0 = off
 
 
 @dataclass
 class PipelineSection:
     max_staleness: int = 1             # policy versions data may lag the update that uses it
-    max_in_flight: int = 0             # prompts in rollout at most, whatever the yield estimate; 0 = 2 x (max_staleness + 1) x rollout.sampling_batch
+    max_in_flight: int = 0             # most prompts in rollout; 0 = 2 x (max_staleness + 1) x sampling_batch
     prompt_queue_size: int = 8         # requests waiting for a generator
     rollout_queue_size: int = 16       # generated requests waiting for the rewarder
     train_queue_size: int = 1          # full batches waiting for the learner
@@ -291,7 +291,8 @@ def validate(cfg: DictConfig) -> None:
            f"must be >= train.batch_size ({t.batch_size}), got {r.sampling_batch}")
     _check(cfg.reward.kind in REWARDS, "reward.kind", "must be math or tiny")
     _check(cfg.reward.timeout_s > 0, "reward.timeout_s", "must be > 0")
-    _check(0 <= cfg.reward.format_score < 1, "reward.format_score", f"must lie in [0, 1), got {cfg.reward.format_score}")
+    _check(0 <= cfg.reward.format_score < 1, "reward.format_score",
+           f"must lie in [0, 1), got {cfg.reward.format_score}")
     _check(t.num_workers >= 1, "train.num_workers", "must be >= 1")
     _check(t.batch_size >= 1, "train.batch_size", "must be >= 1")
     _check(t.batch_size % t.num_workers == 0, "train.batch_size",
