@@ -93,12 +93,13 @@ class Generator:
         import os
         return os.getpid()
 
-    def evaluate(self, prompts: list[Prompt], max_new_tokens: int, weights=None, k: int = 0) -> tuple[int, list[str]]:
+    def evaluate(self, prompts: list[Prompt], max_new_tokens: int, weights=None, k: int = 0,
+                 top_p: float | None = None) -> tuple[int, list[str]]:
         """Responses of policy `weights` = (version, [ref]); None = the weights we hold.
 
         k = 0: one greedy response per prompt. k > 0: k samples per prompt at the rollout
-        temperature (for avg@k), prompt-major, seeded by (run.seed, generator, version) so a
-        rerun reproduces it. Loading an older version for evaluation is safe: the next
+        temperature and `top_p` (None = rollout.top_p) for avg@k, prompt-major, seeded by
+        (run.seed, generator, version) so a rerun reproduces it. Loading an older version for evaluation is safe: the next
         rollout's sync sees the store's newer version and loads it back.
         """
         r = self.cfg.rollout
@@ -107,7 +108,8 @@ class Generator:
                 self.engine.update_weights(ray.get(weights[1][0]))
                 self.version = weights[0]
             sampling = (SamplingConfig(n=1, temperature=0.0, max_new_tokens=max_new_tokens) if k == 0 else
-                        SamplingConfig(n=k, temperature=r.temperature, top_p=r.top_p, max_new_tokens=max_new_tokens,
+                        SamplingConfig(n=k, temperature=r.temperature, top_p=r.top_p if top_p is None else top_p,
+                                       max_new_tokens=max_new_tokens,
                                        seed=hash((self.cfg.run.seed, self.index, self.version, -1)) % 2**31))
             out = self.engine.generate([p.token_ids for p in prompts], sampling)
             return self.version, [s.text for samples in out for s in samples]

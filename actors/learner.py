@@ -19,7 +19,7 @@ import torch.distributed as dist
 from pipeline.batching import is_stale, staleness
 from pipeline.grpo import LossConfig
 from pipeline.parallel import full_state_dict, resolve_strategy, wrap_model
-from pipeline.policy import collate, grpo_update, micro_batches
+from pipeline.policy import collate, grpo_update, micro_batches, mini_batch_slices
 from pipeline.types import TrainBatch
 
 
@@ -41,7 +41,9 @@ class Learner:
             self.optimizer, lambda step: lr_factor(step, cfg.trainer.total_steps, t.lr_schedule,
                                                    t.lr_min_ratio))
         self.loss_cfg = LossConfig(clip_low=t.clip_low, clip_high=t.clip_high, agg=t.loss_agg,
-                                   kl_coef=t.kl_coef, tis_cap=t.tis_cap or None)
+                                   kl_coef=t.kl_coef, tis_cap=t.tis_cap or None, entropy_coef=t.entropy_coef,
+                                   clip_ratio_c=t.clip_ratio_c)
+        self.num_mini = t.batch_size // (t.mini_batch_size or t.batch_size)   # optimiser steps per batch
         self.ref_model = copy.deepcopy(self.unwrapped()).eval() if t.kl_coef > 0 else None
         self.version = 0
 
@@ -56,14 +58,17 @@ class Learner:
         lags = [staleness(g.group.version, self.version) for g in fresh] or [0]
         shard = collate(fresh[self.rank::self.world_size], self.pad_id, self.cfg.train.adv_norm)
         mb, mb_tokens = self.cfg.train.micro_batch_size, self.cfg.train.micro_batch_tokens
-        parts = micro_batches(shard.seq_lens(), max_rows=mb, max_tokens=mb_tokens)
-        num_micro, norm = self._all_reduce(len(parts),
-                                           float(shard.mask.sum()) if self.loss_cfg.agg == "token" else len(shard))
+        counts, norms = [], []
+        for rows in mini_batch_slices(len(shard), self.num_mini):   # per optimiser step
+            part = shard.rows(rows)
+            counts.append(len(micro_batches(part.seq_lens(), max_rows=mb, max_tokens=mb_tokens)))
+            norms.append(float(part.mask.sum()) if self.loss_cfg.agg == "token" else len(part))
+        num_micro, norm = self._all_reduce(counts, norms)
         m = grpo_update(self.model, self.optimizer, shard, self.loss_cfg, micro_batch_size=mb,
-                        micro_batch_tokens=mb_tokens,
+                        micro_batch_tokens=mb_tokens, num_mini=self.num_mini,
                         ppo_epochs=self.cfg.train.ppo_epochs, grad_clip=self.cfg.train.grad_clip,
-                        num_micro=max(num_micro, 1), global_norm=norm or 1.0, world_size=self.world_size,
-                        ref_model=self.ref_model, temperature=self.cfg.rollout.temperature)
+                        num_micro=[max(n, 1) for n in num_micro], global_norm=[x or 1.0 for x in norm],
+                        world_size=self.world_size, ref_model=self.ref_model, temperature=self.cfg.rollout.temperature)
         self.version += 1
         metrics = {f"train/{k}": v for k, v in m.items()}
         metrics["train/lr"] = self.scheduler.get_last_lr()[0]
@@ -76,8 +81,8 @@ class Learner:
             metrics.update({f"staleness/groups_{k}": n for k, n in sorted(Counter(lags).items())})
         return metrics, [g.group.ticket for g in fresh], [g.group.ticket for g in stale]
 
-    def _all_reduce(self, num_micro: int, norm: float) -> tuple[int, float]:
-        """Max micro-batches and total loss denominator across workers."""
+    def _all_reduce(self, num_micro: list[int], norm: list[float]) -> tuple[list[int], list[float]]:
+        """Per mini-batch: max micro-batches and total loss denominator across workers."""
         if self.world_size == 1 or not dist.is_initialized():
             return num_micro, norm
         # on the model's device: NCCL (GPU) reduces only device tensors, gloo takes CPU ones
@@ -85,7 +90,7 @@ class Learner:
         mx, total = t.clone(), t.clone()
         dist.all_reduce(mx, op=dist.ReduceOp.MAX)
         dist.all_reduce(total, op=dist.ReduceOp.SUM)
-        return int(mx[0]), float(total[1])
+        return [int(x) for x in mx[0].tolist()], total[1].tolist()
 
     def state_dict_for_publish(self) -> dict | None:
         """Full CPU weights under HF names on rank 0, None elsewhere; every rank must call it (FSDP gathers)."""

@@ -20,20 +20,24 @@ from pipeline.selection import SELECTORS
 from pipeline.types import ScoredGroup, TrainBatch
 
 
-def make_scorer(reward_cfg, kind: str = ""):
-    """reward.kind (or `kind`, for an eval set graded differently) -> score(response, ground_truth) -> float."""
+def make_scorer(reward_cfg, kind: str = "", format_score: float | None = None):
+    """reward.kind (or `kind`, for an eval set graded differently) -> score(response, ground_truth) -> float.
+
+    format_score None = reward.format_score (training); evaluation passes 0.0: accuracy counts right answers only.
+    """
     if (kind or reward_cfg.kind) == "tiny":
         from pipeline.tiny import tiny_score
         return tiny_score
     from pipeline.rewards import Grader
-    return Grader(timeout_s=reward_cfg.timeout_s, max_chars=reward_cfg.max_chars).score
+    fmt = reward_cfg.format_score if format_score is None else format_score
+    return Grader(timeout_s=reward_cfg.timeout_s, max_chars=reward_cfg.max_chars, format_score=fmt).score
 
 
 class Rewarder:
     def __init__(self, cfg, selector=None, rollout_q=None, train_q=None):
         self.cfg, self.selector, self.rollout_q, self.train_q = cfg, selector, rollout_q, train_q
         self.score = make_scorer(cfg.reward)
-        self.scorers = {cfg.reward.kind: self.score}   # eval sets may grade with another kind
+        self.scorers = {}                              # eval scorers by kind (no format score), built on first use
         self.scorers_lock = threading.Lock()
         self.pool = ThreadPoolExecutor(cfg.reward.num_threads)
         post_filter = SELECTORS[cfg.selector.name].post_filter
@@ -52,7 +56,7 @@ class Rewarder:
         kind = kind or self.cfg.reward.kind
         with self.scorers_lock:
             if kind not in self.scorers:
-                self.scorers[kind] = make_scorer(self.cfg.reward, kind)
+                self.scorers[kind] = make_scorer(self.cfg.reward, kind, format_score=0.0)
         scores = list(self.pool.map(self.scorers[kind], texts, truths))
         return sum(scores) / len(scores) if scores else 0.0
 

@@ -18,8 +18,8 @@ from queue import Full
 
 import numpy as np
 
-from pipeline.batching import Ledger, rollout_demand
-from pipeline.selection import EASY, HARD, DataCursor, Picked, classify, make_selector, pick
+from pipeline.batching import Ledger, request_sizes, rollout_demand, streaming_size
+from pipeline.selection import EASY, HARD, DataCursor, Picked, make_selector, pick, zero_variance
 from pipeline.types import Prompt, Request
 
 
@@ -43,6 +43,10 @@ class PromptSelector:
         self.restored: set[int] = set()                  # carried tickets restored from a checkpoint
         self.held: dict[int, tuple[int, ...]] = {}       # generator index -> tickets it is generating
         self.held_since: dict[int, float] = {}           # ... since when (the hang watchdog reads it)
+        # paper sizing: the batch the last round filled and that round's zero-variance count
+        self.round = {"batch": 0, "zv": 0, "groups": 0}
+        S = cfg.pipeline.max_staleness
+        self.max_in_flight = cfg.pipeline.max_in_flight or 2 * (S + 1) * cfg.rollout.sampling_batch
         self.lock = threading.Lock()
         self.stopped = self.stop_requested = False
 
@@ -52,13 +56,7 @@ class PromptSelector:
 
     def issue(self) -> list[Request]:
         """Pick and ticket as many prompts as the pipeline is missing; returns new requests."""
-        c, zvr = self.ledger.count, self.zero_variance_ratio()
-        steps_allowed = min(self.cfg.trainer.total_steps, self.version + 1 + self.cfg.pipeline.max_staleness)
-        yield_rate = 1.0 - zvr if self.selector.post_filter else 1.0
-        missing = rollout_demand(steps_allowed=steps_allowed, batch_size=self.batch_size,
-                                 groups_committed=c["trained"] + c["queued"] + c["carried"],
-                                 prompts_in_rollout=c["rollout"], yield_rate=yield_rate)
-        n = self.selector.sampling_size(missing, zvr)
+        n = self._issue_size()
         if n == 0:
             return []
         again = [self.reissue.popleft() for _ in range(min(n, len(self.reissue)))]   # lost work first
@@ -69,6 +67,7 @@ class PromptSelector:
         n = len(picked.indices)
         self.window.update({f"skipped_{k}": v for k, v in picked.skipped.items()})
         self.window["prompts"] += n
+        self.window["issues"] += 1
         indices = picked.indices + [i for i, _ in picked.probes]
         tickets = self.ledger.issue(len(indices), indices)
         for t, i in zip(tickets, picked.indices):
@@ -76,9 +75,45 @@ class PromptSelector:
         for t, (_, why) in zip(tickets[n:], picked.probes):
             self.probe_why[t] = why
         probe = (False,) * n + (True,) * len(picked.probes)
-        size = self.cfg.rollout.request_size
-        return [Request(tuple(tickets[i:i + size]), tuple(self.prompts[j] for j in indices[i:i + size]),
-                        min_version=self.version, probe=probe[i:i + size]) for i in range(0, len(indices), size)]
+        requests, start = [], 0
+        for size in request_sizes(len(indices), self.cfg.rollout.request_size):
+            part = slice(start, start + size)
+            requests.append(Request(tuple(tickets[part]), tuple(self.prompts[j] for j in indices[part]),
+                                    min_version=self.version, probe=probe[part]))
+            start += size
+        return requests
+
+    def _issue_size(self) -> int:
+        """How many prompts to issue now: the paper's rounds, or streaming (just in time)."""
+        c, total = self.ledger.count, self.cfg.trainer.total_steps
+        steps_allowed = min(total, self.version + 1 + self.cfg.pipeline.max_staleness)
+        committed = c["trained"] + c["queued"] + c["carried"]
+        if self.cfg.selector.sizing == "paper":
+            return self._paper_round(steps_allowed, committed, c["rollout"])
+        zvr = self.zero_variance_ratio()
+        yield_rate = 1.0 - zvr if self.selector.post_filter else 1.0
+        missing = rollout_demand(steps_allowed=steps_allowed, batch_size=self.batch_size,
+                                 groups_committed=committed, prompts_in_rollout=c["rollout"], yield_rate=yield_rate)
+        short_batch = committed // self.batch_size + 1      # the first batch still being filled
+        return streaming_size(missing, yield_rate, request_size=self.cfg.rollout.request_size,
+                              in_rollout=c["rollout"], max_in_flight=self.max_in_flight,
+                              urgent=short_batch <= self.version + 2, ending=steps_allowed == total)
+
+    def _paper_round(self, steps_allowed: int, committed: int, in_rollout: int) -> int:
+        """One round at a time, as the authors' loop: the next starts when the last is scored.
+
+        A batch's first round is the sampling batch; later ones the selector's adaptive size
+        from the zero-variance share of the round before.
+        """
+        missing = steps_allowed * self.batch_size - committed
+        if in_rollout or missing <= 0:
+            return 0
+        batch = committed // self.batch_size + 1
+        r = self.round
+        zvr = r["zv"] / r["groups"] if r["groups"] else 0.0
+        n = self.selector.sampling_size(missing, zvr, first_round=batch != r["batch"])
+        self.round = {"batch": batch, "zv": 0, "groups": 0}
+        return n
 
     def pump(self) -> None:
         """Issue what is missing and push pending requests without ever blocking."""
@@ -123,7 +158,7 @@ class PromptSelector:
                     refused.append(r["ticket"])
                     self.window["late_groups"] += 1
                     continue
-                kind = classify(r["rewards"])
+                kind = self.selector.classify(r["rewards"])
                 self.selector.observe(r["uid"], r["rewards"])
                 self.ledger.move([r["ticket"]], r["fate"])
                 if r["fate"] == "probed":     # measured apart: no controller, ratio or sample counts
@@ -133,8 +168,12 @@ class PromptSelector:
                     continue
                 if r["fate"] == "filtered":
                     self._retire([r["ticket"]])
-                self.recent_zv.append(kind != "mixed")
+                zv = zero_variance(r["rewards"])
+                self.recent_zv.append(zv)
+                self.round["zv"] += zv
+                self.round["groups"] += 1
                 self.window[kind] += 1
+                self.window["zero_variance"] += zv
                 self.window["samples"] += len(r["rewards"])
                 self.window["reward_sum"] += sum(r["rewards"])
                 self.window["response_len_sum"] += r["response_len"]
@@ -184,7 +223,7 @@ class PromptSelector:
             groups = w[EASY] + w[HARD] + w["mixed"]
             easy, hard = (w[EASY] / groups, w[HARD] / groups) if groups else (0.0, 0.0)
             if groups:   # a step that rolled nothing out says nothing about p_easy / p_hard
-                self.selector.end_step(easy, hard)
+                self.selector.end_step(easy, hard, epoch=self.cursor.epoch)
             snapshot = self._snapshot(w, groups, easy, hard)
             self.window = Counter()
             return snapshot
@@ -215,7 +254,8 @@ class PromptSelector:
         p = getattr(self.selector, "p", {})
         return {"rollout/prompts": w["prompts"], "rollout/groups": groups, "rollout/samples": w["samples"],
                 "reward/mean": w["reward_sum"] / w["samples"] if w["samples"] else 0.0,
-                "rollout/zero_variance_ratio": easy + hard, "rollout/easy_ratio": easy,
+                "rollout/zero_variance_ratio": w["zero_variance"] / groups if groups else 0.0,
+                "rollout/easy_ratio": easy, "rollout/issues": w["issues"],
                 "rollout/hard_ratio": hard, "rollout/response_len_mean":
                 w["response_len_sum"] / w["samples"] if w["samples"] else 0.0,
                 "time/generate": w["gen_seconds"], "time/weight_sync": w["sync_seconds"],
@@ -252,7 +292,8 @@ class PromptSelector:
         with self.lock:
             return {"selector": self.selector.state_dict(), "cursor": self.cursor.state_dict(),
                     "ledger": self.ledger.state_dict(), "version": self.version, "probes": dict(self.probes),
-                    "window": dict(self.window), "recent_zv": list(self.recent_zv),
+                    "window": dict(self.window), "round": dict(self.round),
+                    "recent_zv": [bool(z) for z in self.recent_zv],
                     "prior_rate": dict(self.prior_rate), "probe_why": dict(self.probe_why),
                     "reissue": list(self.reissue)}
 
@@ -273,10 +314,13 @@ class PromptSelector:
             self.version = state["version"]
             self.probes = Counter(state.get("probes", {}))
             self.window = Counter(state.get("window", {}))
-            self.recent_zv.extend(state.get("recent_zv", []))
             self.prior_rate = {int(t): r for t, r in state.get("prior_rate", {}).items()}
             self.probe_why = {int(t): w for t, w in state.get("probe_why", {}).items()}
             self.reissue = deque((i, why) for i, why in state.get("reissue", []))
+
+            self.round = dict(state.get("round", self.round))
+            self.recent_zv.clear()
+            self.recent_zv.extend(state.get("recent_zv", ()))
 
     def reissue_lost(self, tickets: list[int]) -> int:
         """Work that will never come back (a stop, a dead actor): retire its tickets as

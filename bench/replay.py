@@ -8,10 +8,11 @@ moves as a latent policy improves; a "rollout" draws n=8 Bernoulli rewards from 
 is real is the selection: every selector in pipeline.selection.SELECTORS (make_selector,
 DataCursor, pick, keep/observe/end_step/sampling_size, skip probes) runs unchanged with
 its default config, driven by the synchronous loop of actors/selector.py at
-max_staleness=0 (the paper's setting). Per step, until B effective groups are collected:
-n = sampling_size(missing, zero-variance ratio of the last 4B rolled-out groups); pick;
+max_staleness=0 with selector.sizing=paper (the paper's setting). Per step, until B
+effective groups are collected: n = sampling_size(missing, zero-variance ratio of the last
+round, first_round) (the sampling batch first, then the authors' adaptive size); pick;
 roll out the picked prompts and any probes; observe every group. Then end_step(easy,
-hard ratio of the step's rolled-out groups). Probes are observed but kept out of the
+hard ratio of the step's rolled-out groups, epoch) (no controller move in epoch 0). Probes are observed but kept out of the
 ratios and the effective groups, as the actor does. Surplus effective groups are carried
 into the next step like our Accumulator (`--discard-surplus`: dropped, as the paper's verl
 loop does). `none` trains on whatever comes, so its effective groups are the mixed ones
@@ -55,7 +56,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections import Counter, deque
+from collections import Counter
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
@@ -201,27 +202,27 @@ class _Run:
         self.selector = build_selector(name, model, seed, self.world)
         self.cursor = DataCursor(model.prompts, seed=seed)
         self.uids = [str(i) for i in range(model.prompts)]
-        self.recent_zv: deque[bool] = deque(maxlen=4 * model.batch_size)   # as the actor's estimate
+        self.last_zvr = 0.0                   # zero-variance share of the last round (paper sizing)
         self.c: Counter = Counter()
         self.carried = 0
 
     def step(self) -> None:
         """Collect B effective groups (or B groups for `none`), then settle the step."""
         B, window = self.m.batch_size, Counter()
-        collected = self.carried
+        collected, first = self.carried, True
         while collected < B:
-            zvr = float(np.mean(self.recent_zv)) if self.recent_zv else 0.0
-            n = self.selector.sampling_size(B - collected, zvr)
+            n = self.selector.sampling_size(B - collected, self.last_zvr, first_round=first)
             if n <= 0:
-                raise RuntimeError(f"{self.selector.name}: sampling_size({B - collected}, {zvr:.2f}) = {n}")
-            collected += self._round(n, window)
+                raise RuntimeError(f"{self.selector.name}: sampling_size({B - collected}, {self.last_zvr:.2f}) = {n}")
+            collected, first = collected + self._round(n, window), False
         post = self.selector.post_filter
         effective = B if post else window[MIXED]
         self.carried = collected - B if post and self.carry else 0
         self.c["effective"] += effective
         self.c["steps"] += 1
         groups = window[EASY] + window[HARD] + window[MIXED]
-        self.selector.end_step(window[EASY] / groups if groups else 0.0, window[HARD] / groups if groups else 0.0)
+        self.selector.end_step(window[EASY] / groups if groups else 0.0, window[HARD] / groups if groups else 0.0,
+                               epoch=self.cursor.epoch)
         self.world.train_step(effective)
         if self.trace is not None:
             self.trace.setdefault("zvr", []).append(1 - window[MIXED] / groups if groups else float("nan"))
@@ -257,7 +258,7 @@ class _Run:
         self.c["rolled_out"] += len(indices)
         window.update({EASY: int((solved == self.m.n).sum()), HARD: int((solved == 0).sum()),
                        MIXED: len(indices) - zero_var})
-        self.recent_zv.extend((~mixed).tolist())
+        self.last_zvr = zero_var / len(indices) if len(indices) else 0.0
         return mixed
 
     def _position(self) -> int:
@@ -336,6 +337,10 @@ def print_table(rows: list[dict]) -> None:
                       for k, _, w, fmt in COLUMNS))
     base = next((r for r in rows if r["selector"] == "dynamic_sampling"), None)
     for r in rows:
+        if base and r["selector"] == "none":   # trains B groups a step, of which only the mixed carry signal
+            print(f"none vs dynamic_sampling: rollouts x{r['samples'] / base['samples']:.2f}, rollouts per effective "
+                  f"group x{r['rollouts_per_effective'] / base['rollouts_per_effective']:.2f} "
+                  f"({r['effective_groups'] / base['effective_groups']:.2f} of the effective groups)")
         if base and r["selector"] not in ("none", "dynamic_sampling"):
             probes = (f" (x{(r['samples'] - r['probe_samples']) / base['samples']:.2f} without its probe rollouts)"
                       if r["probe_samples"] else "")

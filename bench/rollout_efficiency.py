@@ -16,13 +16,18 @@ table reads each run's metrics.jsonl:
                  samples (rolled out only to measure the skip predictor) in their own column
   per group      rollouts / groups trained on that had a learning signal
   wasted         share of rollouts in zero-variance groups
-  stale          share of rollouts dropped because they grew too old
+  stale          share of issued prompts dropped because their groups grew too old
+  idle           the learner's idle share: time/wait_learner / time/step
   gen s          generator-seconds spent sampling (time/generate summed)
   wall s         the run.py process, start to exit (includes Ray start and evaluation)
   accuracy       final held-out accuracy (eval/accuracy)
 
-then ratio lines against dynamic sampling (DAPO), the baseline GRESO is measured against,
-and one HTML report over all runs (pipeline.report).
+then, per target held-out accuracy (--targets, default 0.85 and 0.90), the rollouts and the
+training-loop seconds (time/step summed) spent until the first evaluation at or above it
+("-" if never reached): fixed step counts favour whoever learns less per step, a target does
+not (plain GRPO may need fewer rollouts to reach it). Then ratio lines against dynamic
+sampling (DAPO), the baseline GRESO is measured against, and one HTML report over all runs
+(pipeline.report).
 """
 from __future__ import annotations
 
@@ -35,11 +40,23 @@ from bench.runs import ROOT, prepare, read_rows, run_config, with_conf
 from pipeline.runlog import read_config
 
 SELECTORS = ("none", "dynamic_sampling", "greso", "mopps")
+TARGETS = (0.85, 0.90)
 QUICK_STEPS = 400
 QUICK_TINY = ["data.tiny.warm_target=0.8"]     # start in the paper's regime (see the docstring)
 
 
-def summarize(run_dir: Path, wall_s: float | None = None) -> dict:
+def to_target(rows: list[dict], target: float) -> dict | None:
+    """Rollouts and training-loop seconds until the first evaluation at >= target (None: never)."""
+    samples = seconds = 0.0
+    for r in rows:
+        samples += r.get("rollout/samples", 0) + r.get("rollout/probe_samples", 0)
+        seconds += r.get("time/step", 0.0)
+        if r.get("eval/accuracy") is not None and r["eval/accuracy"] >= target:
+            return {"step": r.get("step", 0), "rollouts": int(samples), "seconds": seconds}
+    return None
+
+
+def summarize(run_dir: Path, wall_s: float | None = None, targets=TARGETS) -> dict:
     """One table row from a finished run's metrics.jsonl."""
     rows, steps = read_rows(run_dir)
     samples = sum(r.get("rollout/samples", 0) for r in steps)
@@ -54,6 +71,9 @@ def summarize(run_dir: Path, wall_s: float | None = None) -> dict:
             "wasted": zero_var / groups if groups else 0.0,
             "stale": ledger.get("ledger/dropped_stale", 0) / ledger["ledger/issued"]
             if ledger.get("ledger/issued") else 0.0,
+            "learner_idle": sum(r.get("time/wait_learner", 0.0) for r in steps)
+            / max(sum(r.get("time/step", 0.0) for r in steps), 1e-9),
+            "to_target": {str(t): to_target(rows, t) for t in targets},
             "gen_s": sum(r.get("time/generate", 0.0) for r in steps),
             "train_loop_s": sum(r.get("time/step", 0.0) for r in steps),
             "wall_s": wall_s, "accuracy": evals[-1]["eval/accuracy"] if evals else None,
@@ -67,14 +87,28 @@ def _selector_name(run_dir: Path) -> str:
 
 def table(rows: list[dict]) -> str:
     head = (f"{'selector':<17}{'steps':>6}{'rollouts':>10}{'probe':>7}{'per group':>10}{'wasted':>8}"
-            f"{'stale':>7}{'gen s':>8}{'wall s':>8}{'accuracy':>9}")
+            f"{'stale':>7}{'idle':>7}{'gen s':>8}{'wall s':>8}{'accuracy':>9}")
     lines = [head, "-" * len(head)]
     for r in rows:
         wall = f"{r['wall_s']:.0f}" if r["wall_s"] is not None else "-"
         acc = f"{r['accuracy']:.3f}" if r["accuracy"] is not None else "-"
         lines.append(f"{r['selector']:<17}{r['steps']:>6}{r['rollouts']:>10,}{r['probe_rollouts']:>7,}"
-                     f"{r['per_group']:>10.2f}{r['wasted']:>8.1%}{r['stale']:>7.1%}{r['gen_s']:>8.0f}"
-                     f"{wall:>8}{acc:>9}")
+                     f"{r['per_group']:>10.2f}{r['wasted']:>8.1%}{r['stale']:>7.1%}"
+                     f"{r.get('learner_idle', 0.0):>7.1%}{r['gen_s']:>8.0f}{wall:>8}{acc:>9}")
+    return "\n".join(lines)
+
+
+def target_table(rows: list[dict]) -> str:
+    """Rollouts (with probes) and training-loop seconds to reach each target accuracy."""
+    targets = list(rows[0].get("to_target", {})) if rows else []
+    head = f"{'selector':<17}" + "".join(f"{'to ' + t:>26}" for t in targets)
+    lines = [head, f"{'':<17}" + f"{'step  rollouts  loop s':>26}" * len(targets), "-" * len(head)]
+    for r in rows:
+        cells = []
+        for t in targets:
+            hit = r["to_target"][t]
+            cells.append(f"{hit['step']:>9}{hit['rollouts']:>10,}{hit['seconds']:>7.0f}" if hit else f"{'-':>26}")
+        lines.append(f"{r['selector']:<17}" + "".join(f"{c:>26}" for c in cells))
     return "\n".join(lines)
 
 
@@ -100,9 +134,9 @@ def ratios(rows: list[dict], baseline: str = "dynamic_sampling") -> list[str]:
     return out
 
 
-def run_one(selector: str, out: Path, overrides: list[str]) -> dict:
+def run_one(selector: str, out: Path, overrides: list[str], targets=TARGETS) -> dict:
     run_dir, wall = run_config(selector, out, [*overrides, f"selector.name={selector}"])
-    row = summarize(run_dir, wall)
+    row = summarize(run_dir, wall, targets)
     print(f"[{time.strftime('%H:%M:%S')}] {selector}: {row['steps']} steps in {wall:.0f} s, "
           f"{row['rollouts']:,} rollouts, accuracy {row['accuracy']:.3f}", flush=True)
     return row
@@ -117,6 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--selectors", default=",".join(SELECTORS), help="comma-separated selector names")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_rollout_efficiency")
     ap.add_argument("--summarize", action="store_true", help="only re-read finished runs under --out")
+    ap.add_argument("--targets", default=",".join(map(str, TARGETS)), help="held-out accuracies to reach")
     ap.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. conf=tiny seed=1")
     args = ap.parse_args(argv)
     overrides = with_conf(args.overrides, args.steps or (QUICK_STEPS if args.quick else None))
@@ -127,13 +162,17 @@ def main(argv: list[str] | None = None) -> None:
 
     print("rollout efficiency: same config and seed, one run per selector:", ", ".join(selectors))
     print("overrides:", " ".join(overrides))
+    targets = [float(t) for t in args.targets.split(",") if t]
     if args.summarize:
-        rows = [summarize(args.out / s) for s in selectors if (args.out / s / "metrics.jsonl").exists()]
+        rows = [summarize(args.out / s, targets=targets) for s in selectors
+                if (args.out / s / "metrics.jsonl").exists()]
     else:
         prepare(overrides)
-        rows = [run_one(s, args.out, overrides) for s in selectors]
+        rows = [run_one(s, args.out, overrides, targets) for s in selectors]
     print()
     print(table(rows))
+    print()
+    print(target_table(rows))
     print()
     for line in ratios(rows):
         print(line)

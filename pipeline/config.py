@@ -11,7 +11,7 @@ import importlib.util
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -20,6 +20,7 @@ from pipeline.faults import parse as parse_faults
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 SELECTORS = ("greso", "mopps", "dynamic_sampling", "none")
+SIZINGS = ("paper", "streaming")
 ENGINES = ("auto", "vllm", "hf")
 REWARDS = ("math", "tiny")
 LOGGERS = ("jsonl", "tensorboard", "wandb")   # metric sinks (pipeline/sinks.py); each but jsonl an optional extra
@@ -64,7 +65,7 @@ class TinySection:
 
 @dataclass
 class DataSection:
-    train: str = "tiny"                # parquet (verl layout) / jsonl path / HF dataset name / "tiny"
+    train: Any = "tiny"                # parquet (verl) / jsonl / HF dataset name / "tiny", or a list of them
     limit: Optional[int] = None        # use at most this many training rows
     max_prompt_tokens: int = 1024      # longer prompts are skipped and counted
     tiny: TinySection = field(default_factory=TinySection)
@@ -80,7 +81,11 @@ class SelectorSection:
     p_min: float = 0.05                # controller lower bound
     p_max: float = 0.95                # controller upper bound
     keep_floor: float = 0.01           # a prompt is kept with probability at least this
-    oversample: float = 1.25           # adaptive size = ceil(k / (1 - zvr) * oversample)
+    oversample: float = 1.25           # paper sizing: later rounds int(oversample * missing / (1 - last zvr))
+    sizing: str = "streaming"          # paper: the authors' rounds | streaming: just in time (async)
+    min_sampling: int = 64             # paper sizing: smallest later round (the authors' 64)
+    easy_mean_min: float = 0.98        # a group is easy when its mean reward is >= this (the authors' value)
+    hard_mean_max: float = 0.11        # a group is hard when its mean reward is <= this (the authors' value)
     probe_fraction: float = 0.02       # probes per prompt kept: skips rolled out anyway, never trained on
     mopps_decay: float = 1.0           # MoPPS λ: posterior decays toward the Beta(1,1) prior each update; 1 = no decay
     mopps_mode: str = "closest"        # closest: sampled rates nearest mopps_target | band: rates in the band
@@ -123,6 +128,7 @@ class RewardSection:
     kind: str = "math"                 # math (math-verify on \boxed{}) | tiny (reversed-sum exact match)
     timeout_s: float = 5.0             # per-response grading timeout
     max_chars: int = 10_000            # grade only the last max_chars of a response
+    format_score: float = 0.0          # math: a boxed but wrong answer (the authors' 0.1); not in eval
     num_threads: int = 4               # grading threads inside the rewarder
     num_cpus: float = 1.0              # CPUs reserved for the rewarder actor
 
@@ -134,6 +140,7 @@ class TrainSection:
     cpus_per_worker: float = 1.0       # CPUs reserved per Ray Train worker
     gpus_per_worker: float = 1.0       # GPUs per worker when use_gpu (< 1 shares a GPU with generators)
     batch_size: int = 256              # B: effective prompt groups per training step
+    mini_batch_size: Optional[int] = None  # groups per optimiser step (ppo_mini_batch_size); None = batch
     micro_batch_size: int = 64         # samples per forward/backward on one worker
     micro_batch_tokens: int = 0        # if > 0: cut micro-batches by this token budget instead
     strategy: str = "auto"             # ddp | fsdp | auto (fsdp with GPUs, ddp over gloo on CPU)
@@ -149,6 +156,8 @@ class TrainSection:
     loss_agg: str = "token"            # token (DAPO) | seq
     adv_norm: str = "std"              # std (GRPO) | mean (Dr.GRPO)
     kl_coef: float = 0.0               # k3 KL to the initial policy; 0 = none (paper)
+    entropy_coef: float = 0.0          # entropy bonus in the loss (the authors' 0.001)
+    clip_ratio_c: Optional[float] = None  # dual clip (> 1) for A < 0; None = off (the authors')
     tis_cap: float = 2.0               # truncated importance weight cap for off-policy data; 0 = off
     max_failures: int = 1              # learner / rewarder failures survived by restarting the pipeline from the newest checkpoint
 
@@ -156,6 +165,7 @@ class TrainSection:
 @dataclass
 class PipelineSection:
     max_staleness: int = 1             # policy versions data may lag the update that uses it
+    max_in_flight: int = 0             # most prompts in rollout; 0 = 2 x (max_staleness + 1) x sampling_batch
     prompt_queue_size: int = 8         # requests waiting for a generator
     rollout_queue_size: int = 16       # generated requests waiting for the rewarder
     train_queue_size: int = 1          # full batches waiting for the learner
@@ -176,6 +186,7 @@ class EvalSet:
     split: str = "test"                # HF dataset split (files have none)
     limit: Optional[int] = None        # evaluate on at most this many prompts (None = all)
     avg_k: int = 1                     # 1 = greedy only; k > 1 also logs avg@k of k samples at rollout.temperature
+    top_p: Optional[float] = None      # nucleus mass of the avg@k samples (the authors' 0.7); None = rollout.top_p
     reward: str = ""                   # "" = reward.kind | math | tiny
 
 
@@ -276,6 +287,10 @@ def validate(cfg: DictConfig) -> None:
         _check(s.p_min <= s[key] <= s.p_max, f"selector.{key}", f"must lie in [p_min, p_max], got {s[key]}")
     _check(0 < s.keep_floor < 1, "selector.keep_floor", "must lie in (0, 1)")
     _check(s.oversample >= 1, "selector.oversample", "must be >= 1")
+    _check(s.sizing in SIZINGS, "selector.sizing", f"must be one of {SIZINGS}, got {s.sizing!r}")
+    _check(s.min_sampling >= 1, "selector.min_sampling", f"must be >= 1, got {s.min_sampling}")
+    _check(0 <= s.hard_mean_max < s.easy_mean_min <= 1, "selector.easy_mean_min",
+           f"need 0 <= hard_mean_max < easy_mean_min <= 1, got {s.hard_mean_max} / {s.easy_mean_min}")
     _check(0 <= s.probe_fraction < 1, "selector.probe_fraction", f"must lie in [0, 1), got {s.probe_fraction}")
     _check(0 < s.mopps_decay <= 1, "selector.mopps_decay", f"must lie in (0, 1], got {s.mopps_decay}")
     _check(s.mopps_mode in ("closest", "band"), "selector.mopps_mode", "must be closest or band")
@@ -294,11 +309,20 @@ def validate(cfg: DictConfig) -> None:
            f"must be >= train.batch_size ({t.batch_size}), got {r.sampling_batch}")
     _check(cfg.reward.kind in REWARDS, "reward.kind", "must be math or tiny")
     _check(cfg.reward.timeout_s > 0, "reward.timeout_s", "must be > 0")
+    _check(0 <= cfg.reward.format_score < 1, "reward.format_score",
+           f"must lie in [0, 1), got {cfg.reward.format_score}")
     _check(t.num_workers >= 1, "train.num_workers", "must be >= 1")
     _check(t.batch_size >= 1, "train.batch_size", "must be >= 1")
     _check(t.batch_size % t.num_workers == 0, "train.batch_size",
            f"{t.batch_size} groups do not divide over train.num_workers={t.num_workers}")
     _check(t.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
+    mini = t.mini_batch_size or t.batch_size
+    _check(mini >= 1 and t.batch_size % mini == 0, "train.mini_batch_size",
+           f"train.batch_size ({t.batch_size}) must be a multiple of it, got {t.mini_batch_size}")
+    _check(mini % t.num_workers == 0, "train.mini_batch_size",
+           f"{mini} groups per optimiser step do not divide over train.num_workers={t.num_workers}")
+    _check(t.entropy_coef >= 0, "train.entropy_coef", "must be >= 0")
+    _check(t.clip_ratio_c is None or t.clip_ratio_c > 1, "train.clip_ratio_c", "must be > 1, or null (off)")
     _check(t.micro_batch_tokens >= 0, "train.micro_batch_tokens", "must be >= 0 (0 = off)")
     _check(t.strategy in ("auto", "ddp", "fsdp"), "train.strategy", "must be auto, ddp or fsdp")
     _check(t.lr > 0, "train.lr", "must be > 0")
@@ -311,6 +335,7 @@ def validate(cfg: DictConfig) -> None:
     _check(t.kl_coef >= 0, "train.kl_coef", "must be >= 0")
     _check(t.tis_cap == 0 or t.tis_cap >= 1, "train.tis_cap", f"must be 0 (off) or >= 1, got {t.tis_cap}")
     _check(cfg.pipeline.max_staleness >= 0, "pipeline.max_staleness", "must be >= 0")
+    _check(cfg.pipeline.max_in_flight >= 0, "pipeline.max_in_flight", "must be >= 0 (0 = automatic)")
     for key in ("prompt_queue_size", "rollout_queue_size", "train_queue_size"):
         _check(cfg.pipeline[key] >= 1, f"pipeline.{key}", "must be >= 1")
     _check(cfg.trainer.total_steps >= 1, "trainer.total_steps", "must be >= 1")
@@ -334,13 +359,24 @@ def validate(cfg: DictConfig) -> None:
     _check_data(cfg)
 
 
+def _train_sources(train) -> list:
+    """data.train as a list of sources (one string or a list of them)."""
+    sources = [train] if isinstance(train, str) else list(train) if isinstance(train, ListConfig) else None
+    _check(bool(sources) and all(isinstance(x, str) and x for x in sources), "data.train",
+           f"must be a source (path or HF dataset name) or a non-empty list of them, got {train!r}")
+    return sources
+
+
 def _check_data(cfg: DictConfig) -> None:
     """Local data files must exist; hub names are resolved later (they need the network)."""
-    tiny = cfg.data.train == "tiny"
+    sources = _train_sources(cfg.data.train)
+    _check(len(sources) == 1 or "tiny" not in sources, "data.train", "tiny cannot be mixed with other sources")
+    tiny = sources == ["tiny"]
     _check(tiny == (cfg.model.path == "tiny"), "data.train",
            "the tiny task and the tiny model go together (model.path=tiny <=> data.train=tiny)")
     _check(not tiny or cfg.reward.kind == "tiny", "reward.kind", "data.train=tiny needs reward.kind=tiny")
-    keys = {"data.train": cfg.data.train, **{f"eval.sets.{i}.path": s.path for i, s in enumerate(cfg.eval.sets)}}
+    keys = {**{f"data.train.{k}" if len(sources) > 1 else "data.train": src for k, src in enumerate(sources)},
+            **{f"eval.sets.{i}.path": s.path for i, s in enumerate(cfg.eval.sets)}}
     for key, value in keys.items():
         if _looks_like_path(value):
             _check(Path(value).expanduser().exists(), key, f"file not found: {value}")
@@ -361,6 +397,7 @@ def _check_eval_sets(sets) -> None:
         _check(bool(s.path), f"{key}.path", "set a jsonl/parquet path, an HF dataset name or tiny")
         _check(s.limit is None or s.limit >= 1, f"{key}.limit", f"must be >= 1 or null (all), got {s.limit}")
         _check(s.avg_k >= 1, f"{key}.avg_k", f"must be >= 1 (1 = greedy only), got {s.avg_k}")
+        _check(s.top_p is None or 0 < s.top_p <= 1, f"{key}.top_p", f"must lie in (0, 1] or be null, got {s.top_p}")
         _check(s.reward in ("", *REWARDS), f"{key}.reward", f"must be '' (= reward.kind), math or tiny, got {s.reward!r}")
 
 

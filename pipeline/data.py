@@ -78,6 +78,42 @@ def load_rows(source: str, *, prompt_key: str | None = None, answer_key: str | N
     return rows, stats
 
 
+def load_sources(sources, *, limit: int | None = None, **kw) -> tuple[list[Row], dict]:
+    """load_rows over one source or a list of them (e.g. DAPO-Math-17k + MATH train), in order.
+
+    `limit` caps the rows of all sources together. Uids must stay unique across sources:
+    a source whose uids collide with an earlier one's (two files called train.parquet,
+    as in the authors' data layout) gets its uids prefixed with its folder name, else its
+    position in the list ("src1/...").
+    """
+    if isinstance(sources, str):
+        return load_rows(sources, limit=limit, **kw)
+    rows: list[Row] = []
+    stats: dict = {}
+    seen: set[str] = set()
+    for k, source in enumerate(sources):
+        left = None if limit is None else limit - len(rows)
+        if left is not None and left <= 0:
+            break
+        part, part_stats = load_rows(source, limit=left, **kw)
+        if any(r.uid in seen for r in part):
+            part = _namespaced(part, source, k, seen)
+        seen.update(r.uid for r in part)
+        rows += part
+        for key, v in part_stats.items():
+            stats[key] = stats.get(key, 0) + v
+    return rows, stats
+
+
+def _namespaced(rows: list[Row], source: str, k: int, seen: set[str]) -> list[Row]:
+    """Prefix a source's uids with its folder name, or its list position if that collides too."""
+    for prefix in (Path(source).expanduser().parent.name, f"src{k}"):
+        renamed = [Row(f"{prefix}/{r.uid}", r.messages, r.ground_truth) for r in rows]
+        if prefix and not any(r.uid in seen for r in renamed):
+            return renamed
+    raise DataError(f"{source}: uids collide with an earlier data.train source even when namespaced")
+
+
 def _looks_like_path(source: str) -> bool:
     """A data-file suffix, an explicit relative/absolute path, or deeper than "owner/name"."""
     return (source.endswith(FILE_SUFFIXES) or source.startswith(("/", ".", "~"))

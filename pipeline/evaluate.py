@@ -35,7 +35,7 @@ def evaluate_sets(generators: list, rewarder, eval_sets: list, cfg, weights=None
         jobs.append((f"eval/{s.name}/accuracy", s.reward, _generate(generators, s.prompts, weights, 0, max_new)))
         if s.avg_k > 1:
             jobs.append((f"eval/{s.name}/avg@{s.avg_k}", s.reward,
-                         _generate(generators, s.prompts, weights, s.avg_k, max_new)))
+                         _generate(generators, s.prompts, weights, s.avg_k, max_new, s.top_p)))
     # 2) grade each job as its responses arrive, with its set's own scorer
     graded = {key: rewarder.accuracy.remote([t for _, ts in ray.get(refs) for t in ts], truths, reward)
               for key, reward, (refs, truths) in jobs}
@@ -45,11 +45,12 @@ def evaluate_sets(generators: list, rewarder, eval_sets: list, cfg, weights=None
     return row
 
 
-def _generate(generators: list, prompts: list, weights, k: int, max_new_tokens: int) -> tuple[list, list[str]]:
+def _generate(generators: list, prompts: list, weights, k: int, max_new_tokens: int,
+              top_p: float | None = None) -> tuple[list, list[str]]:
     """Shard prompts over the generators (k = 0 greedy, else k samples each); returns the
     response refs and the ground truth of every response, in the same order."""
     shards = [prompts[i::len(generators)] for i in range(len(generators))]
-    refs = [g.evaluate.remote(s, max_new_tokens, weights, k) for g, s in zip(generators, shards) if s]
+    refs = [g.evaluate.remote(s, max_new_tokens, weights, k, top_p) for g, s in zip(generators, shards) if s]
     return refs, [p.ground_truth for s in shards for p in s for _ in range(max(k, 1))]
 
 

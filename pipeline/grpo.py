@@ -1,4 +1,5 @@
-"""GRPO maths: group advantages, the PPO-clip policy loss with DAPO clip-higher, k3 KL, TIS.
+"""GRPO maths: group advantages, the PPO-clip policy loss with DAPO clip-higher, k3 KL, TIS,
+an entropy bonus and an optional dual clip.
 
 Pure torch, no Ray: the learner calls `group_advantages` on the rewards of each batch of
 groups, then `policy_loss` on each minibatch. Test: `pytest tests/unit/test_grpo.py -q`.
@@ -38,6 +39,12 @@ def group_advantages(rewards: torch.Tensor, *, norm: str = "std", eps: float = 1
     return torch.where(const, torch.zeros_like(centered), centered)
 
 
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """(N, T, V) logits -> (N, T) entropy of softmax(logits): logsumexp(z) - sum(p * z)."""
+    p = logits.softmax(-1)                                         # (N, T, V)
+    return torch.logsumexp(logits, -1) - (p * logits).sum(-1)      # (N, T)
+
+
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """Per-token k3 estimator of KL(pi || ref) (Schulman 2020): exp(ref-logp) - (ref-logp) - 1, >= 0."""
     log_r = ref_logp - logp                   # (N, T), log(ref / pi) at tokens sampled from pi
@@ -69,6 +76,8 @@ class LossConfig:
     agg: str = "token"         # "token" (DAPO) | "seq" (GRPO) loss aggregation
     kl_coef: float = 0.0       # weight of the k3 KL to the reference policy; 0 = no KL (as the paper)
     tis_cap: float | None = 2.0  # cap on pi_old / pi_behaviour importance weights; 0 or None disables
+    entropy_coef: float = 0.0  # entropy bonus: loss -= entropy_coef * mean token entropy (the authors' 0.001)
+    clip_ratio_c: float | None = None  # dual clip (Ye et al. 2020): for A < 0 the loss is at most -A * c; None = off
 
     def __post_init__(self):
         for name in ("clip_low", "clip_high"):
@@ -79,6 +88,10 @@ class LossConfig:
             raise ValueError(f"LossConfig.agg must be one of {AGGS}, got {self.agg!r}")
         if self.kl_coef < 0:
             raise ValueError(f"LossConfig.kl_coef must be >= 0, got {self.kl_coef}")
+        if self.entropy_coef < 0:
+            raise ValueError(f"LossConfig.entropy_coef must be >= 0, got {self.entropy_coef}")
+        if self.clip_ratio_c is not None and self.clip_ratio_c <= 1.0:
+            raise ValueError(f"LossConfig.clip_ratio_c must be > 1 (or None: off), got {self.clip_ratio_c}")
         if self.tis_cap and self.tis_cap < 1.0:
             # a cap below 1 would down-weight even perfectly on-policy tokens
             raise ValueError(f"LossConfig.tis_cap must be >= 1, or 0/None to disable, got {self.tis_cap}")
@@ -98,8 +111,14 @@ def policy_loss(
     *,
     behaviour_logp: torch.Tensor | None = None,
     ref_logp: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """PPO-clip GRPO loss over (N, T) response tokens with (N,) sequence advantages -> (loss, metrics)."""
+    """PPO-clip GRPO loss over (N, T) response tokens with (N,) sequence advantages -> (loss, metrics).
+
+    entropy: (N, T) per-token entropy of the current policy, needed when cfg.entropy_coef > 0.
+    """
+    if cfg.entropy_coef > 0 and entropy is None:
+        raise ValueError(f"entropy_coef={cfg.entropy_coef} > 0 needs the per-token entropy")
     if cfg.kl_coef > 0 and ref_logp is None:
         raise ValueError(f"kl_coef={cfg.kl_coef} > 0 needs ref_logp (reference-policy log-probs); "
                          "pass ref_logp or set kl_coef=0")
@@ -113,6 +132,11 @@ def policy_loss(
     pg_loss1 = -A * ratio                                     # (N, T)
     pg_loss2 = -A * torch.clamp(ratio, 1.0 - cfg.clip_low, 1.0 + cfg.clip_high)  # (N, T)
     pg = torch.maximum(pg_loss1, pg_loss2)                    # (N, T), pessimistic bound
+    if cfg.clip_ratio_c is not None:
+        # dual clip: a negative advantage with a huge ratio would otherwise push without limit
+        pg_loss3 = -A * cfg.clip_ratio_c                      # (N, 1)
+        dual = (A < 0) & (pg > pg_loss3)                      # (N, T), where the third bound binds
+        pg = torch.where(A < 0, torch.minimum(pg, pg_loss3), pg)
 
     # 2) truncated importance sampling: the rollouts came from the generator's behaviour policy
     # (stale weights, or vLLM numerics != HF), so reweight by min(pi_old / pi_behaviour, cap)
@@ -131,7 +155,11 @@ def policy_loss(
         kl = kl_k3(logp, torch.where(on, ref_logp, logp))     # (N, T), 0 on padding
         per_token = pg + cfg.kl_coef * kl
 
-    # 4) aggregate over the mask (token: DAPO, seq: GRPO)
+    # 4) entropy bonus (verl: pg_loss - entropy_coeff * entropy), aggregated like the loss
+    if cfg.entropy_coef > 0:
+        per_token = per_token - cfg.entropy_coef * torch.where(on, entropy, 0.0)
+
+    # 5) aggregate over the mask (token: DAPO, seq: GRPO)
     loss = aggregate(per_token, m, cfg.agg)
 
     # diagnostics, CleanRL style: which side of the clip binds, how far pi moved from pi_old
@@ -149,4 +177,8 @@ def policy_loss(
         }
         if cfg.kl_coef > 0:
             metrics["kl"] = aggregate(kl, m, cfg.agg).item()
+        if entropy is not None:
+            metrics["entropy"] = _masked_mean(torch.where(on, entropy, 0.0), m)
+        if cfg.clip_ratio_c is not None:
+            metrics["clip_frac_dual"] = _masked_mean(dual.to(m.dtype), m)
     return loss, metrics

@@ -10,7 +10,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from pipeline.grpo import LossConfig, group_advantages, policy_loss
+from pipeline.grpo import LossConfig, entropy_from_logits, group_advantages, policy_loss
 from pipeline.parallel import no_sync
 from pipeline.types import ScoredGroup
 
@@ -102,44 +102,73 @@ def token_logprobs(model, input_ids: torch.Tensor, attn: torch.Tensor, temperatu
     return torch.gather(logits.log_softmax(-1), 2, input_ids[:, 1:, None]).squeeze(2)
 
 
-def grpo_update(model, optimizer, batch: Batch, cfg: LossConfig, *, micro_batch_size: int,
-                micro_batch_tokens: int = 0, ppo_epochs: int = 1, grad_clip: float = 1.0,
-                num_micro: int | None = None, global_norm: float | None = None, world_size: int = 1,
-                ref_model=None, temperature: float = 1.0) -> dict[str, float]:
-    """`ppo_epochs` optimiser steps over one batch, gradient-accumulated in micro-batches.
+def mini_batch_slices(n_rows: int, num_mini: int) -> list[slice]:
+    """Rows of each of num_mini equal mini-batches (one optimiser step each), in order.
 
-    Micro-batches come from `micro_batches` (rows and, if micro_batch_tokens > 0, a padded
-    token budget). num_micro / global_norm come from an all-reduce across workers (max
-    micro-batches, total tokens or sequences) so every worker runs the same number of
-    forward/backward passes and the loss is normalised as if one process saw the whole batch.
+    Rows are group-major, and the learner checks that a shard's groups divide evenly, so
+    every mini-batch holds whole groups.
+    """
+    size = -(-n_rows // num_mini)   # ceil: an uneven last shard still takes num_mini steps
+    return [slice(k * size, min((k + 1) * size, n_rows)) for k in range(num_mini)]
+
+
+def grpo_update(model, optimizer, batch: Batch, cfg: LossConfig, *, micro_batch_size: int,
+                micro_batch_tokens: int = 0, ppo_epochs: int = 1, num_mini: int = 1, grad_clip: float = 1.0,
+                num_micro=None, global_norm=None, world_size: int = 1,
+                ref_model=None, temperature: float = 1.0) -> dict[str, float]:
+    """ppo_epochs x num_mini optimiser steps over one batch, gradient-accumulated in micro-batches.
+
+    The batch splits into num_mini mini-batches, one optimiser step each (verl's
+    ppo_mini_batch_size); pi_old is the policy before the batch's first step, so from the
+    second step on the ratio moves and the PPO clip can bind. Micro-batches come from
+    `micro_batches`. num_micro / global_norm (one per mini-batch, or one number when
+    num_mini = 1) come from an all-reduce across workers so every worker runs the same
+    number of forward/backward passes and each step's loss is normalised as if one
+    process saw the whole mini-batch.
     """
     batch = batch.to(next(model.parameters()).device)
-    parts = micro_batches(batch.seq_lens(), max_rows=micro_batch_size, max_tokens=micro_batch_tokens)
-    num_micro = num_micro or max(1, len(parts))
-    mbs = [batch.rows(parts[k]).trimmed() if k < len(parts) else batch.rows(slice(0, 0))
-           for k in range(num_micro)]  # ranks with fewer rows run empty micro-batches
+    minis = [batch.rows(s) for s in mini_batch_slices(len(batch), num_mini)]
     denom_of = (lambda b: b.mask.sum()) if cfg.agg == "token" else (lambda b: torch.tensor(float(len(b))))
-    global_norm = global_norm or float(denom_of(batch)) or 1.0
+    num_micro, global_norm = _per_mini(num_micro, num_mini), _per_mini(global_norm, num_mini)
+    plans = [_plan(mb, micro_batch_size, micro_batch_tokens, num_micro[k], global_norm[k], denom_of)
+             for k, mb in enumerate(minis)]
     old = None
-    if ppo_epochs > 1:  # pi_old is the policy before this batch's first step; with one step logp == old
+    if ppo_epochs > 1 or num_mini > 1:  # with one step logp == old; else pi_old before the first step
         with torch.no_grad():  # one forward per micro-batch on every rank: FSDP all-gathers in each
-            old = [token_logprobs(model, *_inputs(mb), temperature) for mb in mbs]
+            old = [[token_logprobs(model, *_inputs(mb), temperature) for mb in mbs] for mbs, _ in plans]
     metrics: dict[str, float] = {}
-    steps = 0
+    steps, grad_norms = 0, []
     for _ in range(ppo_epochs):
-        optimizer.zero_grad(set_to_none=True)
-        for k, mb in enumerate(mbs):
-            with no_sync(model, last=k == num_micro - 1):
-                m = _micro_step(model, mb, cfg, old[k] if old else None, global_norm, world_size, denom_of,
-                                ref_model, temperature)
-            steps += bool(m)
-            for key, v in m.items():
-                metrics[key] = metrics.get(key, 0.0) + v
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
+        for k, (mbs, norm) in enumerate(plans):
+            optimizer.zero_grad(set_to_none=True)
+            for j, mb in enumerate(mbs):
+                with no_sync(model, last=j == len(mbs) - 1):
+                    m = _micro_step(model, mb, cfg, old[k][j] if old else None, norm, world_size, denom_of,
+                                    ref_model, temperature)
+                steps += bool(m)
+                for key, v in m.items():
+                    metrics[key] = metrics.get(key, 0.0) + v
+            grad_norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)))
+            optimizer.step()
     metrics = {k: v / max(steps, 1) for k, v in metrics.items()}
-    metrics["grad_norm"] = float(grad_norm)
+    metrics["grad_norm"] = sum(grad_norms) / len(grad_norms)
+    metrics["optimizer_steps"] = len(grad_norms)
     return metrics
+
+
+def _per_mini(value, num_mini: int) -> list:
+    """A per-mini-batch list from a list, one number (num_mini = 1) or None (local values)."""
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return [value] * num_mini if num_mini == 1 else [None] * num_mini
+
+
+def _plan(mb: Batch, micro_batch_size: int, micro_batch_tokens: int, num_micro, global_norm, denom_of):
+    """(micro-batches, loss denominator) of one mini-batch; ranks with fewer rows run empty ones."""
+    parts = micro_batches(mb.seq_lens(), max_rows=micro_batch_size, max_tokens=micro_batch_tokens)
+    num_micro = num_micro or max(1, len(parts))
+    mbs = [mb.rows(parts[k]).trimmed() if k < len(parts) else mb.rows(slice(0, 0)) for k in range(num_micro)]
+    return mbs, global_norm or float(denom_of(mb)) or 1.0
 
 
 def _inputs(mb: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,9 +179,20 @@ def _inputs(mb: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, torch.ones_like(ids)
 
 
+def _logprobs_entropy(model, input_ids, attn, temperature: float):
+    """log-probs of the targets and per-token entropy from one forward: (N, L-1) each."""
+    logits = model(input_ids=input_ids, attention_mask=attn).logits[:, :-1].float() / temperature  # (N, L-1, V)
+    logp = torch.gather(logits.log_softmax(-1), 2, input_ids[:, 1:, None]).squeeze(2)
+    return logp, entropy_from_logits(logits)
+
+
 def _micro_step(model, mb: Batch, cfg: LossConfig, old, global_norm, world_size, denom_of, ref_model,
                 temperature: float = 1.0) -> dict:
-    logp = token_logprobs(model, *_inputs(mb), temperature)
+    entropy = None
+    if cfg.entropy_coef > 0:   # the entropy needs the full logits; token_logprobs keeps them out
+        logp, entropy = _logprobs_entropy(model, *_inputs(mb), temperature)
+    else:
+        logp = token_logprobs(model, *_inputs(mb), temperature)
     if len(mb) == 0:
         # this worker ran out of rows: a zero loss through a real forward still joins DDP's
         # all-reduce and FSDP's all-gathers / reduce-scatters, which every rank must call alike
@@ -164,7 +204,7 @@ def _micro_step(model, mb: Batch, cfg: LossConfig, old, global_norm, world_size,
         with torch.no_grad():
             ref_logp = token_logprobs(ref_model, mb.input_ids, mb.attn, temperature)
     loss, m = policy_loss(logp, old_logp, mb.advantages, mb.mask, cfg, behaviour_logp=mb.behaviour,
-                          ref_logp=ref_logp)
+                          ref_logp=ref_logp, entropy=entropy)
     # the loss is a mean over this micro-batch; rescale to sum / global count, times W for DDP's mean
     (loss * float(denom_of(mb)) / global_norm * world_size).backward()
     return {"loss": float(loss.detach()), **m}

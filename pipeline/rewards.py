@@ -1,6 +1,7 @@
 """Rule-based math reward: 1.0 if the response's last \\boxed{} answer equals the ground truth.
 
     score(response, ground_truth)               # -> 0.0 or 1.0, never raises, never hangs
+    Grader(format_score=0.1).score(...)         # a wrong \\boxed answer scores 0.1 (the authors')
     Grader(timeout_s=5.0).score_many(pairs)     # parallel, with its own counters
 
 Equality is decided by math-verify (`parse` + `verify`, which call sympy), so "0.5",
@@ -160,8 +161,10 @@ class _Worker:
 class Grader:
     """Scores responses in up to `n_workers` processes; counts what went wrong."""
 
-    def __init__(self, timeout_s: float = 5.0, max_chars: int = 10_000, n_workers: int = 0):
+    def __init__(self, timeout_s: float = 5.0, max_chars: int = 10_000, n_workers: int = 0,
+                 format_score: float = 0.0):
         self.timeout_s = timeout_s        # seconds per (parse + verify) before scoring 0.0
+        self.format_score = format_score  # reward for a \boxed answer that is wrong (the authors' 0.1)
         self.max_chars = max_chars        # keep the response's tail: the answer is at the end
         self.n_workers = n_workers or min(4, os.cpu_count() or 1)  # grading processes
         self.counters = {"graded": 0, "timeouts": 0, "errors": 0, "no_answer": 0, "truncated": 0}
@@ -171,7 +174,8 @@ class Grader:
         self._threads: ThreadPoolExecutor | None = None
 
     def score(self, response: str, ground_truth: str) -> float:
-        """1.0 if the last boxed answer (else the whole response) matches; 0.0 otherwise."""
+        """1.0 if the last boxed answer (else the whole response) matches; format_score if a
+        boxed answer was extracted but is wrong (verl's latex_math reward); 0.0 otherwise."""
         self._count("graded")
         if not isinstance(response, str) or not isinstance(ground_truth, str):
             self._count("errors")
@@ -183,7 +187,9 @@ class Grader:
         if boxed is None:
             self._count("no_answer")  # still let math-verify look for a final answer
         pred = response if boxed is None else _as_latex(boxed)
-        return 1.0 if self._verify(pred, _as_latex(ground_truth)) else 0.0
+        if self._verify(pred, _as_latex(ground_truth)):
+            return 1.0
+        return 0.0 if boxed is None else self.format_score
 
     def score_many(self, pairs) -> list[float]:
         """score() over (response, ground_truth) pairs, n_workers at a time, in order."""

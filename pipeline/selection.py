@@ -2,9 +2,12 @@
 
 GRESO (arXiv 2506.02177, Alg. 1): a prompt whose last `k` groups were all zero-variance
 in the same direction (all correct = easy, all wrong = hard) is skipped before rollout
-with probability 1 - max(p^k, 0.01), p = p_easy or p_hard. After every training step the
-controller moves p_easy / p_hard by ±0.01 (bounded to [0.05, 0.95]) so that easy
-zero-variance groups make up α/3 of the rolled-out groups and hard ones 2α/3.
+with probability 1 - max(p^k, 0.01), p = p_easy or p_hard. A group is easy when its mean
+reward is >= 0.98 and hard when it is <= 0.11 (the authors' thresholds: with their 0.1
+format score, a group of wrong-but-boxed answers is hard). After every training step
+from the second epoch on (the authors' trainer gates on epoch > 0) the controller moves
+p_easy / p_hard by ±0.01 (bounded to [0.05, 0.95]): down when the step's easy (hard)
+ratio is >= α/3 (2α/3), up otherwise.
 
 MoPPS (arXiv 2507.04632): a Beta(a, b) posterior over each prompt's success rate,
 updated with every group's successes and failures (decaying toward the Beta(1, 1) prior
@@ -14,8 +17,10 @@ whose sampled rate lies nearest 0.5 are kept (or, in band mode, those inside a b
 Every selector answers three questions, and nothing else:
   keep(uid)            -> (kept?, why skipped)       before rollout
   observe(uid, rewards)                              after scoring, every group
-  end_step(easy, hard)                               after each training step
-plus `sampling_size(missing, zvr)`: how many prompts to roll out to fill `missing` groups.
+  end_step(easy, hard, epoch=e)                      after each training step
+plus `sampling_size(missing, zvr, first_round)`: the paper's sampling-round size to fill
+`missing` groups (zvr: zero-variance share of the last round). The streaming sizing used
+when asynchronous lives in pipeline.batching.
 A selector that ranks candidates against each other (MoPPS closest mode) also answers
 `rank(uids, n)` and says so with `ranked = True`.
 No Ray here: the PromptSelector actor owns one of these and calls it.
@@ -29,13 +34,23 @@ from typing import Sequence
 import numpy as np
 
 EASY, HARD, MIXED = "easy", "hard", "mixed"
+EASY_MEAN_MIN, HARD_MEAN_MAX = 0.98, 0.11   # the authors' group-mean thresholds (selector.*_mean_*)
 
 
-def classify(rewards: Sequence[float]) -> str:
-    """easy: all samples right; hard: all wrong; mixed: the group has a learning signal."""
-    if max(rewards) != min(rewards):
-        return MIXED
-    return EASY if rewards[0] >= 0.5 else HARD
+def classify(rewards: Sequence[float], easy_min: float = EASY_MEAN_MIN, hard_max: float = HARD_MEAN_MAX) -> str:
+    """easy: group mean >= easy_min; hard: mean <= hard_max; mixed otherwise.
+
+    With 0/1 rewards and n = 8 this is all right / all wrong. With a format score a hard
+    group may still have reward variance (0 and 0.1): dynamic sampling keeps it, GRESO's
+    streak counts it as hard, as in the authors' code.
+    """
+    mean = float(np.mean(rewards))
+    return EASY if mean >= easy_min else HARD if mean <= hard_max else MIXED
+
+
+def zero_variance(rewards: Sequence[float]) -> bool:
+    """Every sample got the same reward: the GRPO advantage is 0, dynamic sampling drops it."""
+    return max(rewards) == min(rewards)
 
 
 def skip_probability(streak: int, p: float, keep_floor: float = 0.01) -> float:
@@ -44,13 +59,18 @@ def skip_probability(streak: int, p: float, keep_floor: float = 0.01) -> float:
 
 
 def adaptive_size(missing: int, zero_variance_ratio: float, *, oversample: float = 1.25,
-                  lo: int = 1, hi: int | None = None) -> int:
-    """GRESO's adaptive sampling size: ceil(k / (1 - zvr) * oversample), clamped to [lo, hi]."""
+                  lo: int = 64, hi: int = 384) -> int:
+    """The authors' later-round size: int(oversample · missing / (1 − zvr)) clamped to [lo, hi].
+
+    zvr is the zero-variance share of the last round; at zvr = 1 the estimate is infinite
+    (their code divides by zero) and the round is the cap, hi. lo > hi (a small sampling
+    batch) gives hi.
+    """
     if missing <= 0:
         return 0
-    keep_rate = max(1.0 - zero_variance_ratio, 1e-2)  # zvr -> 1 would ask for infinitely many
-    n = math.ceil(missing / keep_rate * oversample)
-    return max(lo, min(n, hi if hi is not None else n))
+    keep_rate = 1.0 - zero_variance_ratio
+    n = hi if keep_rate <= 0 else int(oversample * missing / keep_rate)
+    return max(min(lo, hi), min(n, hi))
 
 
 @dataclass
@@ -62,8 +82,9 @@ class PromptHistory:
     groups: int = 0                # groups observed in total
     solved: float = 0.0            # sum of group mean rewards (for the difficulty metrics)
 
-    def update(self, rewards: Sequence[float]) -> None:
-        kind = classify(rewards)
+    def update(self, rewards: Sequence[float], easy_min: float = EASY_MEAN_MIN,
+               hard_max: float = HARD_MEAN_MAX) -> None:
+        kind = classify(rewards, easy_min, hard_max)
         self.streak = self.streak + 1 if kind == self.streak_kind and kind != MIXED else int(kind != MIXED)
         self.streak_kind = kind
         self.groups += 1
@@ -85,13 +106,19 @@ class Selector:
     def keep(self, uid: str) -> tuple[bool, str | None]:
         return True, None
 
-    def observe(self, uid: str, rewards: Sequence[float]) -> None:
-        self.history.setdefault(uid, PromptHistory()).update(rewards)
+    def classify(self, rewards: Sequence[float]) -> str:
+        """EASY / HARD / MIXED by the configured group-mean thresholds."""
+        return classify(rewards, self.cfg.easy_mean_min, self.cfg.hard_mean_max)
 
-    def end_step(self, easy_ratio: float, hard_ratio: float) -> None:
+    def observe(self, uid: str, rewards: Sequence[float]) -> None:
+        self.history.setdefault(uid, PromptHistory()).update(rewards, self.cfg.easy_mean_min,
+                                                              self.cfg.hard_mean_max)
+
+    def end_step(self, easy_ratio: float, hard_ratio: float, *, epoch: int) -> None:
         pass
 
-    def sampling_size(self, missing: int, zero_variance_ratio: float) -> int:
+    def sampling_size(self, missing: int, zero_variance_ratio: float, *, first_round: bool = False) -> int:
+        """The paper's round size; plain GRPO rolls out exactly what is missing."""
         return max(missing, 0)
 
     def solve_rate(self, uid: str) -> float | None:
@@ -115,7 +142,7 @@ class DynamicSampling(Selector):
     name = "dynamic_sampling"
     post_filter = True
 
-    def sampling_size(self, missing: int, zero_variance_ratio: float) -> int:
+    def sampling_size(self, missing: int, zero_variance_ratio: float, *, first_round: bool = False) -> int:
         return self.sampling_batch if missing > 0 else 0
 
 
@@ -135,16 +162,22 @@ class Greso(DynamicSampling):
         skip = skip_probability(h.streak, self.p[h.streak_kind], self.cfg.keep_floor)
         return (False, h.streak_kind) if self.rng.random() < skip else (True, None)
 
-    def end_step(self, easy_ratio: float, hard_ratio: float) -> None:
-        """Too many easy (hard) zero-variance groups -> explore them less, i.e. lower p."""
+    def end_step(self, easy_ratio: float, hard_ratio: float, *, epoch: int) -> None:
+        """Ratio at or above its target -> explore that kind less (lower p); epoch 0 never moves p.
+
+        The gate is the authors' (`if epoch > 0` in their trainer): in the first epoch every
+        prompt is new, so the ratios say nothing yet about what skipping does.
+        """
+        if epoch == 0:
+            return
         targets = {EASY: (easy_ratio, self.cfg.alpha / 3), HARD: (hard_ratio, 2 * self.cfg.alpha / 3)}
         for kind, (observed, target) in targets.items():
-            step = -self.cfg.p_step if observed > target else self.cfg.p_step
+            step = -self.cfg.p_step if observed >= target else self.cfg.p_step
             self.p[kind] = min(max(self.p[kind] + step, self.cfg.p_min), self.cfg.p_max)
 
-    def sampling_size(self, missing: int, zero_variance_ratio: float) -> int:
-        return adaptive_size(missing, zero_variance_ratio, oversample=self.cfg.oversample,
-                             hi=self.sampling_batch)
+    def sampling_size(self, missing: int, zero_variance_ratio: float, *, first_round: bool = False) -> int:
+        """The authors' rounds: the full sampling batch first, then the adaptive estimate."""
+        return paper_round(self, missing, zero_variance_ratio, first_round)
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "p": dict(self.p)}
@@ -211,9 +244,8 @@ class MoPPS(DynamicSampling):
         return [None if i in nearest else (EASY if r > self.cfg.mopps_target else HARD)
                 for i, r in enumerate(rates)]
 
-    def sampling_size(self, missing: int, zero_variance_ratio: float) -> int:
-        return adaptive_size(missing, zero_variance_ratio, oversample=self.cfg.oversample,
-                             hi=self.sampling_batch)
+    def sampling_size(self, missing: int, zero_variance_ratio: float, *, first_round: bool = False) -> int:
+        return paper_round(self, missing, zero_variance_ratio, first_round)
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "posterior": {u: vars(p).copy() for u, p in self.posterior.items()}}
@@ -221,6 +253,16 @@ class MoPPS(DynamicSampling):
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.posterior = {u: BetaPosterior(**p) for u, p in state["posterior"].items()}
+
+
+def paper_round(selector: Selector, missing: int, zvr: float, first_round: bool) -> int:
+    """Sampling batch on a step's first round, else adaptive_size within [min_sampling, sampling batch]."""
+    if missing <= 0:
+        return 0
+    if first_round:
+        return selector.sampling_batch
+    return adaptive_size(missing, zvr, oversample=selector.cfg.oversample, lo=selector.cfg.min_sampling,
+                         hi=selector.sampling_batch)
 
 
 SELECTORS = {cls.name: cls for cls in (Selector, DynamicSampling, Greso, MoPPS)}

@@ -18,6 +18,7 @@ class EvalSet:
     prompts: list[Prompt]
     avg_k: int                # 1 = greedy only; k > 1 also samples k responses per prompt
     reward: str               # scorer kind (math | tiny), "" in the config resolved to reward.kind
+    top_p: float = 1.0        # nucleus mass of the avg@k samples
 
 
 @dataclass(frozen=True)
@@ -34,10 +35,11 @@ def load_world(cfg) -> World:
     if cfg.model.path == "tiny":
         return _tiny_world(cfg)
     from transformers import AutoTokenizer
-    from pipeline.data import load_rows, tokenize_rows
+    from pipeline.data import load_sources, tokenize_rows
     tok_dir = cfg.model.tokenizer or cfg.model.path
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-    train_rows, _ = load_rows(cfg.data.train, limit=cfg.data.limit)
+    train = cfg.data.train if isinstance(cfg.data.train, str) else list(cfg.data.train)
+    train_rows, _ = load_sources(train, limit=cfg.data.limit)
     train, _ = tokenize_rows(train_rows, tokenizer, max_prompt_tokens=cfg.data.max_prompt_tokens)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return World(cfg.model.path, tok_dir, train, load_eval_sets(cfg, tokenizer), pad)
@@ -67,6 +69,7 @@ def load_eval_sets(cfg, tokenizer, tiny_heldout: list[Prompt] | None = None) -> 
             prompts, _ = tokenize_rows(rows, tokenizer, max_prompt_tokens=cfg.data.max_prompt_tokens)
         if not prompts:   # an empty set would log accuracy 0.0 forever
             raise ValueError(f"eval set {s.name!r}: no usable prompts in {s.path} (all too long or unanswered?)")
-        sets.append(EvalSet(s.name, list(prompts), s.avg_k, s.reward or cfg.reward.kind))
+        top_p = cfg.rollout.top_p if s.get("top_p") is None else s.top_p
+        sets.append(EvalSet(s.name, list(prompts), s.avg_k, s.reward or cfg.reward.kind, top_p))
         log.info("eval set %s: %d prompts from %s", s.name, len(prompts), s.path)
     return sets

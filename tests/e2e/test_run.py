@@ -50,6 +50,16 @@ def test_each_selector_writes_the_metrics_contract(tmp_path, tiny_cache, selecto
     assert totals == sorted(totals) and totals[-1] == sum(r["rollout/samples"] for r in steps)
     if selector == "none":
         assert all(r["ledger/filtered"] == 0 and r["selector/skipped_easy"] == 0 for r in steps)
+    if selector == "greso":   # the authors' gate: the controller stays put through the first epoch
+        first = [r for r in steps if r["selector/epoch"] == 0]
+        assert first and all((r["selector/p_easy"], r["selector/p_hard"]) == (0.5, 0.5) for r in first)
+
+
+def test_paper_sizing_runs_the_synchronous_loop(tmp_path, tiny_cache):
+    rows = train(tmp_path, tiny_cache, "pipeline.max_staleness=0", "selector.sizing=paper")[1:]
+    assert [r["staleness/max"] for r in rows] == [0] * 4
+    assert rows[0]["rollout/prompts"] >= 48          # a step's first round is the whole sampling batch
+    assert all(r["ledger/issued"] == sum(r[k] for k in LEDGER) for r in rows)
 
 
 @pytest.mark.parametrize("max_staleness", [0, 1])

@@ -135,3 +135,29 @@ def test_probes_are_reported_apart():
 ])
 def test_rollout_demand(kw, expected):
     assert rollout_demand(**kw) == expected
+
+
+def test_streaming_size_issues_what_is_missing_in_request_units():
+    from pipeline.batching import streaming_size
+    kw = dict(request_size=16, max_in_flight=200)
+    assert streaming_size(32, 0.5, in_rollout=0, **kw) == 56            # aims 1 sd (4 groups) below the need
+    assert streaming_size(32, 1.0, in_rollout=0, **kw) == 32            # certain yield: exactly the need
+    assert streaming_size(8, 0.5, in_rollout=0, **kw) == 16             # margin below one request: the need itself
+    assert streaming_size(3, 0.5, in_rollout=20, urgent=True, **kw) == 0  # small need: wait for results in flight
+    assert streaming_size(3, 0.5, in_rollout=0, urgent=True, **kw) == 6   # the learner's next batch: exactly
+    assert streaming_size(3, 0.5, in_rollout=0, **kw) == 0              # a later batch: ride the next full request
+    assert streaming_size(3, 0.5, in_rollout=0, ending=True, **kw) == 6  # the run's last batch: exactly
+    assert streaming_size(32, 0.0, in_rollout=150, **kw) == 50          # zvr 1: bounded by what may be in flight
+    assert streaming_size(32, 0.5, in_rollout=200, **kw) == 0
+    assert streaming_size(0, 0.5, in_rollout=0, **kw) == 0
+
+
+def test_request_sizes_never_below_request_size():
+    from pipeline.batching import request_sizes
+    assert request_sizes(64, 16) == [16] * 4
+    assert request_sizes(40, 16) == [20, 20]
+    assert request_sizes(100, 32) == [34, 33, 33]
+    assert request_sizes(6, 16) == [6] and request_sizes(0, 16) == []
+    for n in range(1, 200):
+        sizes = request_sizes(n, 16)
+        assert sum(sizes) == n and (min(sizes) >= 16 or len(sizes) == 1)

@@ -69,40 +69,77 @@ def test_observed_skip_rate_matches_rule(kind, rewards, streak):
 
 def test_controller_moves_toward_targets_from_both_sides():
     g = greso(alpha=0.3, p_easy=0.5, p_hard=0.5)   # targets: easy 0.1, hard 0.2
-    g.end_step(easy_ratio=0.5, hard_ratio=0.05)     # too many easy, too few hard
+    g.end_step(easy_ratio=0.5, hard_ratio=0.05, epoch=1)     # too many easy, too few hard
     assert g.p[EASY] == pytest.approx(0.49) and g.p[HARD] == pytest.approx(0.51)
-    g.end_step(easy_ratio=0.0, hard_ratio=0.9)
+    g.end_step(easy_ratio=0.0, hard_ratio=0.9, epoch=1)
     assert g.p[EASY] == pytest.approx(0.50) and g.p[HARD] == pytest.approx(0.50)
 
 
 def test_controller_respects_bounds():
     g = greso(p_easy=0.06, p_hard=0.94)
     for _ in range(50):
-        g.end_step(easy_ratio=1.0, hard_ratio=0.0)
+        g.end_step(easy_ratio=1.0, hard_ratio=0.0, epoch=2)
     assert g.p[EASY] == pytest.approx(0.05) and g.p[HARD] == pytest.approx(0.95)
 
 
-@pytest.mark.parametrize("missing,zvr,expected", [(10, 0.0, 13), (10, 0.5, 25), (32, 0.75, 160), (0, 0.5, 0)])
-def test_adaptive_size_formula(missing, zvr, expected):
-    assert adaptive_size(missing, zvr) == expected
-    assert adaptive_size(missing, zvr, hi=20) == min(expected, 20)
+def test_controller_does_not_move_in_epoch_zero():
+    g = greso()
+    for _ in range(10):                               # no zero-variance groups at all: p would rise
+        g.end_step(easy_ratio=0.0, hard_ratio=0.0, epoch=0)
+    assert g.p == {EASY: 0.5, HARD: 0.5}
+    g.end_step(easy_ratio=0.0, hard_ratio=0.0, epoch=1)
+    assert g.p[EASY] == pytest.approx(0.51) and g.p[HARD] == pytest.approx(0.51)
 
 
-def test_sampling_sizes_per_selector():
+def test_controller_tie_at_target_lowers_p():
+    g = greso(alpha=0.3)                               # targets 0.1 and 0.2, exactly hit
+    g.end_step(easy_ratio=0.3 / 3, hard_ratio=2 * 0.3 / 3, epoch=1)
+    assert g.p[EASY] == pytest.approx(0.49) and g.p[HARD] == pytest.approx(0.49)
+
+
+@pytest.mark.parametrize("missing,zvr,expected", [
+    (3, 0.5, 64),           # int(1.25 * 3 / 0.5) = 7 -> the minimum round, 64
+    (100, 0.5, 250),        # int(1.25 * 100 / 0.5)
+    (200, 0.2, 312),        # int(1.25 * 200 / 0.8)
+    (300, 0.5, 384),        # 750 -> capped by the sampling batch
+    (10, 1.0, 384),         # every group zero-variance: infinite estimate -> the cap, no error
+    (0, 0.5, 0)])
+def test_paper_adaptive_size(missing, zvr, expected):
+    assert adaptive_size(missing, zvr, lo=64, hi=384) == expected
+
+
+def test_paper_rounds_per_selector():
     cfg = OmegaConf.structured(SelectorSection())
-    kw = dict(batch_size=8, sampling_batch=64)
-    assert Selector(cfg, **kw).sampling_size(5, 0.9) == 5                 # plain GRPO: exactly what is missing
-    assert DynamicSampling(cfg, **kw).sampling_size(5, 0.9) == 64         # DAPO: a fixed sampling batch
-    assert Greso(cfg, **kw).sampling_size(5, 0.5) == 13                   # adaptive
-    assert Greso(cfg, **kw).sampling_size(50, 0.9) == 64                  # capped by the sampling batch
+    kw = dict(batch_size=256, sampling_batch=384)
+    assert Greso(cfg, **kw).sampling_size(256, 0.0, first_round=True) == 384   # first round: the sampling batch
+    assert Greso(cfg, **kw).sampling_size(3, 0.5) == 64                        # later: adaptive, at least 64
+    assert Greso(cfg, **kw).sampling_size(10, 1.0) == 384                      # bounded at zvr 1
+    assert Selector(cfg, **kw).sampling_size(5, 0.9) == 5                      # plain GRPO: exactly what is missing
+    assert DynamicSampling(cfg, **kw).sampling_size(5, 0.9) == 384             # DAPO: a fixed sampling batch
+    small = OmegaConf.structured(SelectorSection(min_sampling=8))
+    assert Greso(small, batch_size=32, sampling_batch=48).sampling_size(3, 0.5) == 8
     assert not Selector(cfg, **kw).post_filter and DynamicSampling(cfg, **kw).post_filter
+
+
+def test_classify_by_group_mean_with_format_scores():
+    fmt = [0.1] * 8
+    assert classify([1.0] * 8) == EASY and classify([0.0] * 8) == HARD
+    assert classify(fmt) == HARD                                  # boxed but wrong everywhere: hard
+    assert classify([0.0, 0.1] * 4) == HARD                       # variance, yet hard (mean 0.05 <= 0.11)
+    assert classify([1.0] + [0.1] * 7) == MIXED                   # one right answer: mean 0.2125
+    assert classify([1.0] * 7 + [0.1]) == MIXED                   # mean 0.8875 < 0.98
+    assert classify([1.0] * 50 + [0.0]) == EASY                   # mean 0.980... >= 0.98
+    assert classify([1.0] * 8, easy_min=1.01) == MIXED            # thresholds are the selector's keys
+    g = greso(easy_mean_min=0.9, hard_mean_max=0.2)
+    g.observe("x", [0.0, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 1.0])      # mean 0.1875 <= 0.2: a hard streak
+    assert (g.history["x"].streak_kind, g.history["x"].streak) == (HARD, 1)
 
 
 def test_state_round_trips_through_plain_dict():
     g = greso()
     for i in range(20):
         g.observe(f"p{i}", [i % 3 == 0] * 4)
-    g.end_step(0.9, 0.0)
+    g.end_step(0.9, 0.0, epoch=1)
     state = g.state_dict()
     h = greso()
     h.load_state_dict(eval(repr(state), {"array": np.array}))  # plain values only
@@ -199,7 +236,7 @@ def test_every_selector_state_round_trips_through_plain_dict(name):
     a, b = greso(name=name), greso(name=name)
     for i in range(30):
         a.observe(f"p{i % 7}", [i % 3 == 0, 1, i % 2 == 0, 1])
-    a.end_step(0.3, 0.1)
+    a.end_step(0.3, 0.1, epoch=1)
     b.load_state_dict(eval(repr(a.state_dict()), {"array": np.array}))
     uids = [f"p{i}" for i in range(7)]
     assert [a.keep(u) for u in uids] == [b.keep(u) for u in uids]
