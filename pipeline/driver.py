@@ -321,7 +321,13 @@ class Pipeline:
     def evaluate(self, weights) -> dict:
         """eval/* metrics of the policy that produced `weights` (None = initial), computed as
         `python -m pipeline.evaluate` computes them for a saved model."""
-        return evaluate_sets(self.generators, self.rewarder, self.world.eval, self.cfg, weights)
+        for _ in range(3):   # a generator that dies mid-evaluation is restarted; the evaluation is redone
+            try:
+                return evaluate_sets(self.generators, self.rewarder, self.world.eval, self.cfg, weights)
+            except ray.exceptions.RayActorError:
+                ray.wait(self.loops[2:], num_returns=1, timeout=30)
+                self.check_stages()
+        raise StageFailed("generators", "evaluation failed three times (generators keep dying)", recoverable=False)
 
     def stop(self) -> None:
         """End every loop, then kill every actor of this pipeline, so a restart starts clean (the
