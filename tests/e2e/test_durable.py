@@ -96,7 +96,7 @@ def test_sigint_stops_with_a_checkpoint_and_resume_finishes_exactly(tmp_path, ti
     ev = _run([sys.executable, "-m", "pipeline.evaluate", str(run_dir / "final"), "ray.dashboard=false"], ray_tmp)
     assert ev.returncode == 0, ev.stderr[-2000:]
     got = json.loads((run_dir / "final" / "eval.json").read_text())
-    assert abs(got["eval/accuracy"] - rows[-1]["eval/accuracy"]) <= 0.005
+    assert abs(got["metrics"]["eval/accuracy"] - rows[-1]["eval/accuracy"]) <= 0.005
 
     again = _run(_cmd(run_dir, tiny_cache, "trainer.total_steps=30"), ray_tmp, timeout=300)
     assert again.returncode == 0 and "finished at step 30" in again.stdout
