@@ -145,7 +145,7 @@ def train_loop_per_worker(config: dict) -> None:
             dist.broadcast_object_list(decision, src=0)
         if decision[0]:
             t3 = time.perf_counter()
-            saver.save(step, row)
+            saver.save(step, row, state)
             row["time/checkpoint"] = time.perf_counter() - t3
         if rank == 0:
             metrics_q.put({**row, "weights": weights, "stopping": decision[1]})
@@ -206,13 +206,13 @@ class Saver:
                      rank=self.rank)
         self.learner.version = read_manifest(path)["step"]
 
-    def save(self, step: int, row: dict) -> None:
+    def save(self, step: int, row: dict, state: dict | None) -> None:
+        """`state`: the full weights on rank 0 that were just published (no second gather)."""
         import ray.train
         from pipeline import checkpoint as ck
         from pipeline.learner_state import save_learner, save_policy
         final = ck.step_dir(self.run_dir, step)
         tmp = final.with_name(final.name + ".tmp")
-        state = full_state_dict(self.learner.model)   # collective under FSDP2; the full weights on rank 0
         save_learner(tmp / "learner", self.learner.model, self.learner.optimizer, self.learner.scheduler,
                      rank=self.rank)
         if self.rank == 0:
