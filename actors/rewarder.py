@@ -21,12 +21,19 @@ from pipeline.types import ScoredGroup, TrainBatch
 
 
 def make_scorer(reward_cfg, kind: str = ""):
-    """reward.kind (or `kind`, for an eval set graded differently) -> score(response, ground_truth) -> float."""
+    """reward.kind (or `kind`, for an eval set graded differently) -> score(response, ground_truth) -> float.
+    The math scorer is a Grader: reward.num_threads worker processes, score_many, counters."""
     if (kind or reward_cfg.kind) == "tiny":
         from pipeline.tiny import tiny_score
         return tiny_score
     from pipeline.rewards import Grader
-    return Grader(timeout_s=reward_cfg.timeout_s, max_chars=reward_cfg.max_chars).score
+    return Grader(timeout_s=reward_cfg.timeout_s, max_chars=reward_cfg.max_chars, n_workers=reward_cfg.num_threads)
+
+
+def score_all(scorer, texts: list, truths: list) -> list[float]:
+    """Every (text, truth) pair through the scorer: in parallel where it can (Grader.score_many)."""
+    many = getattr(scorer, "score_many", None)
+    return many(zip(texts, truths)) if many else [scorer(t, g) for t, g in zip(texts, truths)]
 
 
 class Rewarder:
@@ -38,12 +45,22 @@ class Rewarder:
         self.pool = ThreadPoolExecutor(cfg.reward.num_threads)
         post_filter = SELECTORS[cfg.selector.name].post_filter
         self.acc = Accumulator(cfg.train.batch_size, post_filter=post_filter)
+        self.reported = {"timeouts": 0, "errors": 0}   # grading counters already sent to the selector
         self.stopped = False
 
     def grade(self, groups) -> list[ScoredGroup]:
-        """Score every sample (runs on a pool thread; requests are graded in parallel)."""
-        return [ScoredGroup(g, tuple(self.score(s.text, g.prompt.ground_truth) for s in g.samples))
-                for g in groups]
+        """Score every sample (runs on a pool thread): all samples of the request at once, so a
+        burst of stalled checks costs ~count x timeout / reward.num_threads, not count x timeout."""
+        samples = [(s.text, g.prompt.ground_truth) for g in groups for s in g.samples]
+        scores = iter(score_all(self.score, [t for t, _ in samples], [g for _, g in samples]))
+        return [ScoredGroup(g, tuple(next(scores) for _ in g.samples)) for g in groups]
+
+    def grading_counts(self) -> dict:
+        """reward/timeouts and reward/errors since the last call (the scorer's running counters)."""
+        now = {k: getattr(self.score, "counters", {}).get(k, 0) for k in self.reported}
+        delta = {f"reward/{k}": now[k] - self.reported[k] for k in now}
+        self.reported = now
+        return delta
 
     def accuracy(self, texts: list[str], truths: list[str], kind: str = "") -> float:
         """Mean reward of the responses (greedy: accuracy; k per prompt: avg@k), graded by
@@ -52,7 +69,7 @@ class Rewarder:
         with self.scorers_lock:
             if kind not in self.scorers:
                 self.scorers[kind] = make_scorer(self.cfg.reward, kind)
-        scores = list(self.pool.map(self.scorers[kind], texts, truths))
+        scores = score_all(self.scorers[kind], texts, truths)
         return sum(scores) / len(scores) if scores else 0.0
 
     def consume(self, rollouts, scored: list[ScoredGroup]) -> list[TrainBatch]:
@@ -74,7 +91,7 @@ class Rewarder:
                 break
             batches.append(TrainBatch(self.acc.batches_emitted, tuple(groups)))
         self._call(self.selector.report, results, moves, rollouts.gen_seconds, rollouts.tokens,
-                   rollouts.sync_seconds)
+                   rollouts.sync_seconds, self.grading_counts())
         return batches
 
     def run(self) -> None:

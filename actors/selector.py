@@ -93,9 +93,11 @@ class PromptSelector:
 
     # --- feedback ----------------------------------------------------------
     def report(self, results: list[dict], batches: list[tuple[list[int], list[int]]],
-               gen_seconds: float = 0.0, tokens: int = 0, sync_seconds: float = 0.0) -> None:
+               gen_seconds: float = 0.0, tokens: int = 0, sync_seconds: float = 0.0,
+               counts: dict | None = None) -> None:
         """From the rewarder, per request: one dict per group {ticket, uid, rewards, fate,
-        response_len}, then (queued, dropped-stale) tickets of each batch it cut."""
+        response_len}, then (queued, dropped-stale) tickets of each batch it cut, and its
+        grading counters since the last report (reward/timeouts, reward/errors)."""
         with self.lock:
             for r in results:
                 kind = classify(r["rewards"])
@@ -120,6 +122,7 @@ class PromptSelector:
             self.window["gen_seconds"] += gen_seconds
             self.window["sync_seconds"] += sync_seconds
             self.window["tokens"] += tokens
+            self.window.update(counts or {})
 
     def settle(self, version: int, trained: list[int], stale: list[int]) -> dict:
         """From the learner after each step: ledger fates, controller update, metrics snapshot."""
@@ -161,7 +164,8 @@ class PromptSelector:
                 "rollout/hard_ratio": hard, "rollout/response_len_mean":
                 w["response_len_sum"] / w["samples"] if w["samples"] else 0.0,
                 "time/generate": w["gen_seconds"], "time/weight_sync": w["sync_seconds"],
-                "rollout/tokens": w["tokens"],
+                "rollout/tokens": w["tokens"], "reward/timeouts": w["reward/timeouts"],
+                "reward/errors": w["reward/errors"],
                 "rollout/tokens_per_s": w["tokens"] / w["gen_seconds"] if w["gen_seconds"] else 0.0,
                 "selector/skipped_easy": w["skipped_easy"], "selector/skipped_hard": w["skipped_hard"],
                 "selector/p_easy": p.get(EASY, 1.0), "selector/p_hard": p.get(HARD, 1.0),

@@ -21,6 +21,7 @@ from actors.rewarder import Rewarder
 from actors.selector import PromptSelector
 from actors.weights import WeightStore
 from pipeline.metrics import MetricsLog, Progress
+from pipeline.preflight import PreflightError, shortfall
 from pipeline.world import World, load_world
 
 
@@ -31,11 +32,15 @@ def run(cfg) -> Path:
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     world = load_world(cfg)
     started_ray = init_ray(cfg)
+    if why := shortfall(cfg, ray.cluster_resources()):   # Ray Train would wait forever instead
+        if started_ray:
+            ray.shutdown()
+        raise PreflightError(why)
     p = Pipeline(cfg, world, run_dir)
     try:
         p.start()
         with MetricsLog(run_dir / "metrics.jsonl") as log, Progress(cfg.trainer.total_steps) as bar:
-            log.write({"step": 0, "policy_version": 0, **p.evaluate(None)})
+            log.write({"step": 0, "policy_version": 0, **world.skipped, **p.evaluate(None)})
             for step in range(1, cfg.trainer.total_steps + 1):
                 row = p.next_step()
                 last = step == cfg.trainer.total_steps

@@ -104,7 +104,7 @@ def test_cli_reports_unknown_key_in_one_line_and_exits_nonzero():
     out = subprocess.run([sys.executable, "run.py", "conf=tiny", "some.unknown_key=1"], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
-    assert out.stderr.strip().splitlines() == ["config error: some.unknown_key: unknown key"]
+    assert out.stderr.strip().splitlines() == ["error: some.unknown_key: unknown key"]
 
 
 def test_cli_cfg_prints_merged_config():

@@ -32,7 +32,8 @@ def data_file(name: str) -> str:
 def test_dapo_parquet_loads_all_rows_with_stable_unique_uids():
     source = data_file("dapo_math_17k.parquet")
     rows, stats = load_rows(source)
-    assert stats == {"rows": 17917, "kept": 17917, "skipped_no_answer": 0, "skipped_no_prompt": 0}
+    assert stats == {"rows": 17917, "kept": 17917, "skipped_no_answer": 0, "skipped_no_prompt": 0,
+                     "skipped_bad_answer": 0, "skipped_bad_prompt": 0}
     uids = [r.uid for r in rows]
     assert len(set(uids)) == len(uids)
     assert uids[0] == "dapo_math_17k:0"   # extra_info.index of the first row
@@ -110,7 +111,8 @@ def test_rows_without_answer_or_prompt_are_skipped_and_counted(tmp_path, caplog)
     ])
     with caplog.at_level(logging.WARNING, logger="pipeline.data"):
         rows, stats = load_rows(source)
-    assert stats == {"rows": 10, "kept": 5, "skipped_no_answer": 3, "skipped_no_prompt": 2}
+    assert stats == {"rows": 10, "kept": 5, "skipped_no_answer": 3, "skipped_no_prompt": 2,
+                     "skipped_bad_answer": 0, "skipped_bad_prompt": 0}
     assert [r.uid for r in rows] == ["mini:0", "mini:6", "mini:7", "mini:8", "mini:9"]
     assert [r.ground_truth for r in rows] == ["2", "\\frac{1}{2}", "x^2", "$1$ or $2$", "7"]
     assert "skipped_no_answer" in caplog.text and "kept 5 of 10" in caplog.text

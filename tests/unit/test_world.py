@@ -7,6 +7,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from pipeline.config import load_config
+from pipeline.data import DataError
 from pipeline.world import load_eval_sets
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
@@ -36,5 +37,6 @@ def test_a_set_with_no_usable_prompt_is_an_error(random_world, tmp_path):
     rows.write_text('{"problem": "' + "x" * 50 + '", "answer": "1"}\n')
     cfg = load_config(["data.max_prompt_tokens=10", f"eval.sets=[{{name: long, path: {rows}}}]"])
     tokenizer = AutoTokenizer.from_pretrained(str(random_world.tokenizer_dir))
-    with pytest.raises(ValueError, match="eval set 'long': no usable prompts"):
+    with pytest.raises(DataError, match=r"^eval.sets.0.path: no usable prompt in .*long.jsonl: all 1 prompts are "
+                       r"longer than data.max_prompt_tokens=10 \(longest \d+ tokens\); raise data.max_prompt_tokens$"):
         load_eval_sets(cfg, tokenizer, tiny_heldout=random_world.eval)
