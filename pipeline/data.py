@@ -87,6 +87,7 @@ def load_rows(source: str, *, prompt_key: str | None = None, answer_key: str | N
 
 
 ROW_SKIPS = ("skipped_no_answer", "skipped_no_prompt", "skipped_bad_answer", "skipped_bad_prompt")
+SKIPS = ROW_SKIPS + ("skipped_too_long", "skipped_bad_text")   # every reason a row may be skipped
 
 
 def _why_no_rows(stats: dict, columns: set[str], prompt_key: str | None, answer_key: str | None) -> str:

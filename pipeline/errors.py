@@ -24,9 +24,12 @@ def find_user_error(exc: BaseException | None, _depth: int = 0) -> str | None:
     one, or its __cause__ chain), else None."""
     if exc is None or _depth > 20:
         return None
+    cause = getattr(exc, "cause", None)   # RayTaskError, also as_instanceof_cause()'s dual class,
+    if isinstance(cause, UserError):      # whose str() is the whole remote traceback
+        return str(cause)
     if isinstance(exc, UserError):
         return str(exc)
-    inner = [getattr(exc, "cause", None), getattr(exc, "controller_failure", None),
+    inner = [cause, getattr(exc, "controller_failure", None),
              *getattr(exc, "worker_failures", {}).values(), exc.__cause__, exc.__context__]
     for e in inner:
         if isinstance(e, BaseException) and e is not exc:

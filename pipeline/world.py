@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.config import ConfigError
-from pipeline.data import DataError
+from pipeline.data import SKIPS, DataError
 from pipeline.types import Prompt
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ def _tiny_world(cfg) -> World:
     train = w.train[:cfg.data.limit] if cfg.data.limit else w.train
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(str(w.tokenizer_dir))
-    skipped: dict = {}
+    skipped = {f"data/{k}": 0 for k in SKIPS}   # the tiny world is ours: nothing to skip, zeros for the record
     evals = load_eval_sets(cfg, tokenizer, tiny_heldout=w.eval, skipped=skipped)
     return World(str(w.model_dir), str(w.tokenizer_dir), train, evals, tokenizer.pad_token_id, skipped)
 
