@@ -27,7 +27,8 @@ def make_scorer(reward_cfg, kind: str = ""):
         from pipeline.tiny import tiny_score
         return tiny_score
     from pipeline.rewards import Grader
-    return Grader(timeout_s=reward_cfg.timeout_s, max_chars=reward_cfg.max_chars, n_workers=reward_cfg.num_threads)
+    return Grader(timeout_s=reward_cfg.timeout_s, max_chars=reward_cfg.max_chars, n_workers=reward_cfg.num_threads,
+                  prestart=True)
 
 
 def score_all(scorer, texts: list, truths: list) -> list[float]:

@@ -33,7 +33,7 @@ from multiprocessing.connection import Connection
 log = logging.getLogger(__name__)
 
 _BOX_COMMANDS = ("\\boxed", "\\fbox")
-_START_TIMEOUT_S = 120.0   # a fresh worker imports sympy: ~0.7 s, far more on a loaded box
+_START_TIMEOUT_S = 600.0   # importing sympy: ~0.7 s idle; 200 s measured on 2 cores shared by 5 agents
 
 
 def extract_boxed(text: str) -> str | None:
@@ -259,7 +259,8 @@ class Grader:
     plus a sympy import per stall (measured before: 5 s per 2 s stall on 2 loaded cores).
     """
 
-    def __init__(self, timeout_s: float = 5.0, max_chars: int = 10_000, n_workers: int = 0):
+    def __init__(self, timeout_s: float = 5.0, max_chars: int = 10_000, n_workers: int = 0,
+                 prestart: bool = False):
         self.timeout_s = timeout_s        # seconds per (parse + verify) before scoring 0.0
         self.max_chars = max(1, max_chars)  # keep the response's tail: the answer is at the end
         self.n_workers = n_workers or min(4, os.cpu_count() or 1)  # grading processes
@@ -269,8 +270,10 @@ class Grader:
         self._idle: deque[_Worker] = deque()
         self._waiting: deque[object] = deque()  # callers waiting for a worker, in arrival order
         self._n_started = 0               # worker slots in use or idle (<= n_workers)
-        self._server: _ForkServer | None = None   # started with the first worker
+        self._server: _ForkServer | None = None   # started with the first worker, or now
         self._server_failed = False
+        if prestart:   # the rewarder: let sympy import while the rest of the pipeline starts
+            self._fork_server()
 
     def score(self, response: str, ground_truth: str) -> float:
         """1.0 if the last boxed answer (else the whole response) matches; 0.0 otherwise."""
@@ -375,14 +378,7 @@ class Grader:
     def _new_worker(self) -> _Worker | None:
         """A worker forked from the fork server; a plain process if the server cannot run;
         None (logged) if neither can be started (out of processes or file descriptors)."""
-        with self._pool:
-            if self._server is None and not self._server_failed:
-                try:
-                    self._server = _ForkServer(self.timeout_s)
-                except Exception:  # noqa: BLE001
-                    log.warning("cannot start the grading fork server", exc_info=True)
-                    self._server_failed = True
-            server = self._server
+        server = self._fork_server()
         if server is not None:
             try:
                 return server.fork()
@@ -396,6 +392,17 @@ class Grader:
         except Exception:  # noqa: BLE001
             log.warning("cannot start a grading worker", exc_info=True)
             return None
+
+    def _fork_server(self) -> _ForkServer | None:
+        """The fork server, started on first use (Popen returns at once; it warms up on its own)."""
+        with self._pool:
+            if self._server is None and not self._server_failed:
+                try:
+                    self._server = _ForkServer(self.timeout_s)
+                except Exception:  # noqa: BLE001
+                    log.warning("cannot start the grading fork server", exc_info=True)
+                    self._server_failed = True
+            return self._server
 
     def _count(self, key: str) -> None:
         with self._lock:
