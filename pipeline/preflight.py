@@ -83,6 +83,8 @@ def local_resources(cfg) -> dict | None:
 def _local_gpus() -> int | None:
     """GPUs a local Ray would detect, counted as Ray counts them: NVML's device count capped by
     CUDA_VISIBLE_DEVICES (ray/_private/resource_and_label_spec.py, _get_num_accelerators)."""
+    if not os.path.exists("/proc/driver/nvidia") and not os.path.exists("/dev/nvidiactl"):
+        return 0   # no NVIDIA driver: NVML cannot start, Ray counts 0 (and importing Ray costs seconds)
     try:   # imports Ray's modules, starts nothing
         from ray._private.accelerators.nvidia_gpu import NvidiaGPUAcceleratorManager as nvidia
         count = nvidia.get_current_node_num_accelerators()
