@@ -4,6 +4,9 @@
     python run.py conf=qwen7b              # the paper's 7B setup on a Ray cluster
     python run.py selector.name=dynamic_sampling trainer.total_steps=20
     python run.py conf=qwen7b --cfg        # print the merged config and exit
+
+Bad input (a config value, a data file, a model path, a cluster too small) ends the run
+with `error: <one line>` and exit code 2, before Ray starts where it can be known then.
 """
 from __future__ import annotations
 
@@ -11,18 +14,27 @@ import sys
 
 
 def main(argv: list[str]) -> int:
-    from pipeline.config import ConfigError, load_config, resolved_yaml
+    from pipeline.errors import find_user_error
+    try:
+        return _main(argv)
+    except Exception as e:   # a user error, maybe raised inside an actor: one line; else our bug
+        message = find_user_error(e)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str]) -> int:
+    from pipeline.config import load_config, resolved_yaml
     if "-h" in argv or "--help" in argv:
         print(__doc__)
-    args = [a for a in argv if not a.startswith("-")]
-    try:
-        cfg = load_config(args)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config([a for a in argv if not a.startswith("-")])
     if "--cfg" in argv or "-h" in argv or "--help" in argv:
         print(resolved_yaml(cfg))
         return 0
+    from pipeline.preflight import check_before_ray
+    check_before_ray(cfg)
     import logging
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from pipeline.checkpoint import ResumeError

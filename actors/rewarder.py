@@ -30,7 +30,14 @@ def make_scorer(reward_cfg, kind: str = "", format_score: float | None = None):
         return tiny_score
     from pipeline.rewards import Grader
     fmt = reward_cfg.format_score if format_score is None else format_score
-    return Grader(timeout_s=reward_cfg.timeout_s, max_chars=reward_cfg.max_chars, format_score=fmt).score
+    return Grader(timeout_s=reward_cfg.timeout_s, max_chars=reward_cfg.max_chars, n_workers=reward_cfg.num_threads,
+                  prestart=True, format_score=fmt)
+
+
+def score_all(scorer, texts: list, truths: list) -> list[float]:
+    """Every (text, truth) pair through the scorer: in parallel where it can (Grader.score_many)."""
+    many = getattr(scorer, "score_many", None)
+    return many(zip(texts, truths)) if many else [scorer(t, g) for t, g in zip(texts, truths)]
 
 
 class Rewarder:
@@ -43,12 +50,22 @@ class Rewarder:
         post_filter = SELECTORS[cfg.selector.name].post_filter
         self.acc = Accumulator(cfg.train.batch_size, post_filter=post_filter)
         self.consume_lock = threading.Lock()   # a checkpoint's cut: no group between acc and ledger
+        self.reported = {"timeouts": 0, "errors": 0}   # grading counters already sent to the selector
         self.stopped = False
 
     def grade(self, groups) -> list[ScoredGroup]:
-        """Score every sample (runs on a pool thread; requests are graded in parallel)."""
-        return [ScoredGroup(g, tuple(self.score(s.text, g.prompt.ground_truth) for s in g.samples))
-                for g in groups]
+        """Score every sample (runs on a pool thread): all samples of the request at once, so a
+        burst of stalled checks costs ~count x timeout / reward.num_threads, not count x timeout."""
+        samples = [(s.text, g.prompt.ground_truth) for g in groups for s in g.samples]
+        scores = iter(score_all(self.score, [t for t, _ in samples], [g for _, g in samples]))
+        return [ScoredGroup(g, tuple(next(scores) for _ in g.samples)) for g in groups]
+
+    def grading_counts(self) -> dict:
+        """reward/timeouts and reward/errors since the last call (the scorer's running counters)."""
+        now = {k: getattr(self.score, "counters", {}).get(k, 0) for k in self.reported}
+        delta = {f"reward/{k}": now[k] - self.reported[k] for k in now}
+        self.reported = now
+        return delta
 
     def accuracy(self, texts: list[str], truths: list[str], kind: str = "") -> float:
         """Mean reward of the responses (greedy: accuracy; k per prompt: avg@k), graded by
@@ -57,7 +74,7 @@ class Rewarder:
         with self.scorers_lock:
             if kind not in self.scorers:
                 self.scorers[kind] = make_scorer(self.cfg.reward, kind, format_score=0.0)
-        scores = list(self.pool.map(self.scorers[kind], texts, truths))
+        scores = score_all(self.scorers[kind], texts, truths)
         return sum(scores) / len(scores) if scores else 0.0
 
     def consume(self, rollouts, scored: list[ScoredGroup]) -> list[TrainBatch]:
@@ -72,7 +89,7 @@ class Rewarder:
                     "fate": self.acc.fate(g), "response_len": sum(len(s.token_ids) for s in g.group.samples)}
                    for g in scored]
         refused = set(self._call(self.selector.report, results, [], rollouts.gen_seconds, rollouts.tokens,
-                                 rollouts.sync_seconds) or ())
+                                 rollouts.sync_seconds, self.grading_counts()) or ())
         for g in scored:
             if g.group.ticket not in refused:
                 self.acc.add(g)

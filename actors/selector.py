@@ -146,9 +146,11 @@ class PromptSelector:
 
     # --- feedback ----------------------------------------------------------
     def report(self, results: list[dict], batches: list[tuple[list[int], list[int]]],
-               gen_seconds: float = 0.0, tokens: int = 0, sync_seconds: float = 0.0) -> list[int]:
+               gen_seconds: float = 0.0, tokens: int = 0, sync_seconds: float = 0.0,
+               counts: dict | None = None) -> list[int]:
         """From the rewarder, per request: one dict per group {ticket, uid, rewards, fate,
-        response_len}, then (queued, dropped-stale) tickets of each batch it cut. Returns the
+        response_len}, then (queued, dropped-stale) tickets of each batch it cut, and its
+        grading counters since the last report (reward/timeouts, reward/errors). Returns the
         tickets refused: already re-issued (their generator was given up for dead), so the
         group arrived late and must not be trained on."""
         refused = []
@@ -185,6 +187,7 @@ class PromptSelector:
             self.window["gen_seconds"] += gen_seconds
             self.window["sync_seconds"] += sync_seconds
             self.window["tokens"] += tokens
+            self.window.update(counts or {})
         return refused
 
     # --- faults --------------------------------------------------------------
@@ -259,7 +262,8 @@ class PromptSelector:
                 "rollout/hard_ratio": hard, "rollout/response_len_mean":
                 w["response_len_sum"] / w["samples"] if w["samples"] else 0.0,
                 "time/generate": w["gen_seconds"], "time/weight_sync": w["sync_seconds"],
-                "rollout/tokens": w["tokens"],
+                "rollout/tokens": w["tokens"], "reward/timeouts": w["reward/timeouts"],
+                "reward/errors": w["reward/errors"],
                 "rollout/tokens_per_s": w["tokens"] / w["gen_seconds"] if w["gen_seconds"] else 0.0,
                 "selector/skipped_easy": w["skipped_easy"], "selector/skipped_hard": w["skipped_hard"],
                 "selector/p_easy": p.get(EASY, 1.0), "selector/p_hard": p.get(HARD, 1.0),

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pipeline.faults import parse as parse_faults
+from pipeline.errors import UserError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 SELECTORS = ("greso", "mopps", "dynamic_sampling", "none")
@@ -27,7 +28,7 @@ LOGGERS = ("jsonl", "tensorboard", "wandb")   # metric sinks (pipeline/sinks.py)
 SET_NAME = re.compile(r"[A-Za-z0-9_.-]+")   # a set's name goes into metric keys: eval/<name>/accuracy
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config value that cannot run; the message is one line: `key: why`."""
 
 
@@ -357,6 +358,36 @@ def validate(cfg: DictConfig) -> None:
     _check_loggers(list(cfg.run.loggers))
     _check(cfg.model.dtype in ("float32", "bfloat16"), "model.dtype", "must be float32 or bfloat16")
     _check_data(cfg)
+    _check_sizes(cfg)
+
+
+def _check_sizes(cfg: DictConfig) -> None:
+    """Seeds, counts, limits and resources the run uses, each at its boundary (or later inside an actor
+    they fail: numpy on a negative seed, a 0-thread pool, a [:-5] slice, a 0-char tail = the whole text)."""
+    d, w, r, t = cfg.data, cfg.reward, cfg.rollout, cfg.train
+    _check(0 <= cfg.run.seed < 2**32, "run.seed", f"must lie in [0, 2**32) (numpy seeds), got {cfg.run.seed}")
+    _check(cfg.ray.num_cpus is None or cfg.ray.num_cpus > 0, "ray.num_cpus", "must be > 0 or null (all)")
+    _check(d.limit is None or d.limit >= 1, "data.limit", f"must be >= 1 or null (all rows), got {d.limit}")
+    _check(d.max_prompt_tokens >= 1, "data.max_prompt_tokens", "must be >= 1")
+    for key in ("num_train", "num_eval"):
+        _check(d.tiny[key] >= 1, f"data.tiny.{key}", f"must be >= 1, got {d.tiny[key]}")
+    _check(0 < d.tiny.warm_target < 1, "data.tiny.warm_target", f"must lie in (0, 1), got {d.tiny.warm_target}")
+    _check(w.num_threads >= 1, "reward.num_threads", f"must be >= 1, got {w.num_threads}")
+    _check(w.max_chars >= 1, "reward.max_chars", f"must be >= 1 (the tail of a response that is graded), got {w.max_chars}")
+    for key, value in (("selector.num_cpus", cfg.selector.num_cpus), ("reward.num_cpus", w.num_cpus),
+                       ("rollout.num_cpus", r.num_cpus), ("rollout.num_gpus", r.num_gpus)):
+        _check(value >= 0, key, f"must be >= 0, got {value}")
+    _check(t.cpus_per_worker > 0, "train.cpus_per_worker", f"must be > 0, got {t.cpus_per_worker}")
+    _check(not t.use_gpu or t.gpus_per_worker > 0, "train.gpus_per_worker", "must be > 0 with train.use_gpu")
+    _check(t.grad_clip > 0, "train.grad_clip", f"must be > 0 (0 would zero every gradient), got {t.grad_clip}")
+    _check(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
+    v = r.vllm
+    _check(v.tensor_parallel_size >= 1, "rollout.vllm.tensor_parallel_size", "must be >= 1")
+    _check(v.tensor_parallel_size == 1 or r.num_gpus > 0, "rollout.vllm.tensor_parallel_size",
+           "> 1 spans GPUs: set rollout.num_gpus > 0 too")
+    _check(0 < v.gpu_memory_utilization <= 1, "rollout.vllm.gpu_memory_utilization", "must lie in (0, 1]")
+    _check(v.max_model_len is None or v.max_model_len >= 1, "rollout.vllm.max_model_len", "must be >= 1 or null")
+    _check(v.kv_cache_gib >= 1, "rollout.vllm.kv_cache_gib", "must be >= 1")
 
 
 def _train_sources(train) -> list:

@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import numbers
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from pipeline.errors import UserError
 from pipeline.rewards import extract_boxed
 from pipeline.types import Prompt
 
@@ -33,7 +36,7 @@ FILE_SUFFIXES = (".parquet", ".jsonl", ".json")
 PROMPT_KEYS = ("prompt", "problem", "question")    # tried in order when prompt_key is None
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A data source that cannot be read, or rows that cannot be used."""
 
 
@@ -54,27 +57,32 @@ def load_rows(source: str, *, prompt_key: str | None = None, answer_key: str | N
     """Read problems from a parquet/jsonl/json path or a HF dataset name.
 
     `limit` caps the number of rows kept. The instruction is appended to plain-text
-    problems only; verl-layout chat prompts already carry their own.
+    problems only; verl-layout chat prompts already carry their own. A source that
+    cannot be read, or that yields no usable row, raises DataError (one line).
     """
     stem, records = _open_source(source, split)
     rows: list[Row] = []
-    stats = {"rows": 0, "kept": 0, "skipped_no_answer": 0, "skipped_no_prompt": 0}
-    seen: set[str] = set()
+    stats = {"rows": 0, "kept": 0, **{k: 0 for k in ROW_SKIPS}}
+    seen: dict[str, int] = {}
+    columns: set[str] = set()
     for i, record in enumerate(records):
         if limit is not None and len(rows) >= limit:
             break
         stats["rows"] += 1
         row_or_reason = _parse_record(record, i, stem, prompt_key, answer_key, instruction)
+        columns.update(record)
         if isinstance(row_or_reason, str):
             stats[row_or_reason] += 1
             continue
         if row_or_reason.uid in seen:
-            raise DataError(f"{source}: duplicate uid {row_or_reason.uid!r} (row {i}); "
-                            "extra_info.index must be unique")
-        seen.add(row_or_reason.uid)
+            raise DataError(f"{source}: rows {seen[row_or_reason.uid]} and {i} share the uid "
+                            f"{row_or_reason.uid!r}; extra_info.index must be unique")
+        seen[row_or_reason.uid] = i
         rows.append(row_or_reason)
     stats["kept"] = len(rows)
     _warn_skips(source, stats)
+    if not rows:
+        raise DataError(f"{source}: {_why_no_rows(stats, columns, prompt_key, answer_key)}")
     return rows, stats
 
 
@@ -114,6 +122,23 @@ def _namespaced(rows: list[Row], source: str, k: int, seen: set[str]) -> list[Ro
     raise DataError(f"{source}: uids collide with an earlier data.train source even when namespaced")
 
 
+ROW_SKIPS = ("skipped_no_answer", "skipped_no_prompt", "skipped_bad_answer", "skipped_bad_prompt")
+SKIPS = ROW_SKIPS + ("skipped_too_long", "skipped_bad_text")   # every reason a row may be skipped
+
+
+def _why_no_rows(stats: dict, columns: set[str], prompt_key: str | None, answer_key: str | None) -> str:
+    """Why a source gave no usable row, naming the columns it looked for and the ones it found."""
+    if not stats["rows"]:
+        return "no rows (the file or split is empty)"
+    found = ", ".join(sorted(columns)[:12]) or "none"
+    wants = {"skipped_no_prompt": f"no prompt (looked for {prompt_key or ' / '.join(PROMPT_KEYS)})",
+             "skipped_bad_prompt": "a prompt that is not text or chat messages with text content",
+             "skipped_no_answer": f"no answer (looked for {answer_key or 'reward_model.ground_truth / answer / solution'})",
+             "skipped_bad_answer": "an answer that is not a string or a number (a list, dict or boolean)"}
+    parts = [f"{stats[k]} had {why}" for k, why in wants.items() if stats[k]]
+    return f"no usable row: of {stats['rows']} rows, {', '.join(parts)}; columns found: {found}"
+
+
 def _looks_like_path(source: str) -> bool:
     """A data-file suffix, an explicit relative/absolute path, or deeper than "owner/name"."""
     return (source.endswith(FILE_SUFFIXES) or source.startswith(("/", ".", "~"))
@@ -136,24 +161,63 @@ def _open_source(source: str, split: str) -> tuple[str, Iterator[dict]]:
 
 
 def _read_parquet(path: Path) -> Iterator[dict]:
+    """Opened eagerly, so a file that is not parquet fails here in one line, not mid-iteration."""
+    import pyarrow as pa
     import pyarrow.parquet as pq   # lazy: only parquet users need pyarrow
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-        yield from batch.to_pylist()
+    try:
+        batches = list(pq.ParquetFile(path).iter_batches(batch_size=1024))
+    except (pa.ArrowException, OSError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise DataError(f"{path}: not a readable parquet file ({type(e).__name__}: {reason}); "
+                        "re-export it (e.g. DataFrame.to_parquet)") from None
+    return (record for batch in batches for record in batch.to_pylist())
 
 
 def _read_json(path: Path) -> Iterator[dict]:
     """JSON lines, or one JSON array of objects (a `.json` file may be either)."""
-    text = path.read_text(encoding="utf-8")
+    text = _read_utf8(path)
     if text.lstrip().startswith("["):
-        yield from json.loads(text)
-        return
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        for k, item in enumerate(items):
+            _need_object(item, f"{path}: item {k} of the JSON array")
+        return iter(items)
+    return _json_lines(path, text)
+
+
+def _json_lines(path: Path, text: str) -> Iterator[dict]:
+    records = []
     for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            yield json.loads(line)
+            record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from e
+            hint = "; a .json file must be JSON lines or one array" if n == 1 and line.strip() == "{" else ""
+            raise DataError(f"{path}:{n}: not valid JSON ({e.msg}){hint}") from None
+        records.append(_need_object(record, f"{path}:{n}"))
+    return iter(records)
+
+
+def _need_object(record: Any, where: str) -> dict:
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: a JSON {type(record).__name__}, expected an object like "
+                        '{"problem": ..., "answer": ...}')
+    return record
+
+
+def _read_utf8(path: Path) -> str:
+    """The file's text; bytes that are not UTF-8 fail naming the line (a file in another
+    encoding would otherwise feed mojibake to the tokenizer)."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 (byte 0x{data[e.start]:02x}); re-encode the file "
+                        "as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
 
 
 def _read_hf(source: str, split: str) -> Iterator[dict]:
@@ -163,10 +227,15 @@ def _read_hf(source: str, split: str) -> Iterator[dict]:
         dataset = datasets.load_dataset(source, split=split)
     except Exception as e:   # ImportError, hub unreachable, unknown name, bad split ...
         reason = ("the `datasets` package is not installed (pip install datasets)"
-                  if isinstance(e, ImportError) else f"{type(e).__name__}: {e}")
+                  if isinstance(e, ImportError) else f"{type(e).__name__}: {_first_line(e)}")
         raise DataError(f"{source!r} is not an existing path, and loading it as a Hugging "
                         f"Face dataset (split={split!r}) failed: {reason}") from e
     return iter(dataset)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else ""
 
 
 # ---------------------------------------------------------------------------- parsing
@@ -174,12 +243,18 @@ def _read_hf(source: str, split: str) -> Iterator[dict]:
 def _parse_record(record: dict, i: int, stem: str, prompt_key: str | None,
                   answer_key: str | None, instruction: str) -> Row | str:
     """One raw record -> Row, or the stats key of the reason it was skipped."""
-    if not isinstance(record, dict):
+    if not isinstance(record, dict):   # a HF dataset row is always a dict; files are checked on read
         raise DataError(f"{stem}: row {i} is a {type(record).__name__}, expected an object")
     messages = _messages(record, prompt_key, instruction)
-    if not messages:
-        return "skipped_no_prompt"
-    answer = clean_answer(_answer(record, answer_key))
+    if isinstance(messages, str):
+        return messages
+    raw = _answer(record, answer_key)
+    if raw is None or isinstance(raw, str) and not raw.strip():
+        return "skipped_no_answer"
+    if isinstance(raw, bool) or not isinstance(raw, (str, numbers.Real)) or \
+            isinstance(raw, float) and not math.isfinite(raw):
+        return "skipped_bad_answer"   # str() would make [1, 2] / {'x': 1} / False a "reference answer"
+    answer = clean_answer(raw)
     if not answer:
         return "skipped_no_answer"
     extra = record.get("extra_info")
@@ -188,18 +263,24 @@ def _parse_record(record: dict, i: int, stem: str, prompt_key: str | None,
                ground_truth=answer)
 
 
-def _messages(record: dict, prompt_key: str | None, instruction: str) -> list[dict]:
-    """Chat messages from a verl message list or a plain problem string ([] if none)."""
+def _messages(record: dict, prompt_key: str | None, instruction: str) -> list[dict] | str:
+    """Chat messages from a verl message list or a plain problem string, else the skip reason."""
     keys = (prompt_key,) if prompt_key else PROMPT_KEYS
     value = next((record[k] for k in keys if record.get(k) is not None), None)
+    if value is None:
+        return "skipped_no_prompt"
     if isinstance(value, (list, tuple)):   # verl layout: already chat messages
-        messages = [{"role": str(m.get("role") or "user"), "content": str(m.get("content") or "")}
-                    for m in value if isinstance(m, dict)]
-        return messages if any(m["content"].strip() for m in messages) else []
-    if isinstance(value, str) and value.strip():
-        content = f"{value.strip()} {instruction}" if instruction else value.strip()
-        return [{"role": "user", "content": content}]
-    return []
+        if not all(isinstance(m, dict) and isinstance(m.get("content", ""), str) and
+                   isinstance(m.get("role", ""), (str, type(None))) for m in value):
+            return "skipped_bad_prompt"
+        messages = [{"role": m.get("role") or "user", "content": m.get("content") or ""} for m in value]
+        return messages if any(m["content"].strip() for m in messages) else "skipped_no_prompt"
+    if not isinstance(value, str):
+        return "skipped_bad_prompt"
+    if not value.strip():
+        return "skipped_no_prompt"
+    content = f"{value.strip()} {instruction}" if instruction else value.strip()
+    return [{"role": "user", "content": content}]
 
 
 def _answer(record: dict, answer_key: str | None) -> Any:
@@ -210,7 +291,8 @@ def _answer(record: dict, answer_key: str | None) -> Any:
     if isinstance(reward_model, dict) and reward_model.get("ground_truth") is not None:
         return reward_model["ground_truth"]
     answer = record.get("answer")
-    if (answer is None or str(answer).strip() == "") and isinstance(record.get("solution"), str):
+    if (answer is None or isinstance(answer, str) and answer.strip() == "") and \
+            isinstance(record.get("solution"), str):
         return extract_boxed(record["solution"])
     return answer
 
@@ -234,24 +316,75 @@ def tokenize_rows(rows: Iterable[Row], tokenizer: Any, *,
 
     The template already writes any BOS it wants, so the rendered text is encoded with
     add_special_tokens=False (else BOS doubles). Without a template the message contents
-    are joined and encoded with the tokenizer's default special tokens.
+    are joined and encoded with the tokenizer's default special tokens. A row the template
+    or the tokenizer rejects (e.g. a lone surrogate from a JSON "\\ud800" escape) is skipped
+    and counted as skipped_bad_text.
     """
     rows = list(rows)
-    texts = [render(row.messages, tokenizer) for row in rows]
     use_template = bool(getattr(tokenizer, "chat_template", None))
-    ids_list = tokenizer(texts, add_special_tokens=not use_template)["input_ids"] if texts else []
-    prompts, lengths = [], []
-    for row, text, ids in zip(rows, texts, ids_list):
+    encoded = _encode(rows, tokenizer, add_special_tokens=not use_template)
+    prompts, lengths, bad = [], [], 0
+    for row, item in zip(rows, encoded):
+        if item is None:
+            bad += 1
+            continue
+        text, ids = item
         lengths.append(len(ids))
         if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
             continue
         prompts.append(Prompt(uid=row.uid, token_ids=tuple(int(t) for t in ids),
                               ground_truth=row.ground_truth, text=text))
-    stats = {"rows": len(rows), "kept": len(prompts), "skipped_too_long": len(rows) - len(prompts),
-             "prompt_tokens_max": max(lengths, default=0),
+    stats = {"rows": len(rows), "kept": len(prompts), "skipped_too_long": len(lengths) - len(prompts),
+             "skipped_bad_text": bad, "prompt_tokens_max": max(lengths, default=0),
              "prompt_tokens_mean": sum(lengths) / len(lengths) if lengths else 0.0}
     _warn_skips("tokenize_rows", stats)
     return prompts, stats
+
+
+def _encode(rows: list[Row], tokenizer: Any, add_special_tokens: bool) -> list[tuple[str, list] | None]:
+    """(text, token ids) per row, None where rendering or encoding fails. One batched call
+    when every row encodes; row by row, to find the culprits, when the batch fails."""
+    texts = []
+    for row in rows:
+        try:
+            texts.append(render(row.messages, tokenizer))
+        except Exception as e:   # noqa: BLE001  (jinja errors, odd roles ...)
+            logger.debug("row %s: the chat template failed: %s", row.uid, e)
+            texts.append(None)
+    good = [t for t in texts if t is not None]
+    try:
+        batch = iter(tokenizer(good, add_special_tokens=add_special_tokens)["input_ids"] if good else [])
+        return [None if t is None else (t, next(batch)) for t in texts]
+    except Exception:   # noqa: BLE001  (TypeError "TextEncodeInput must be ...", UnicodeEncodeError)
+        return [None if t is None else _encode_one(t, tokenizer, add_special_tokens) for t in texts]
+
+
+def _encode_one(text: str, tokenizer: Any, add_special_tokens: bool) -> tuple[str, list] | None:
+    try:
+        return text, tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+    except Exception:   # noqa: BLE001
+        return None
+
+
+def load_prompts(source, tokenizer: Any, *, key: str, split: str = "train", limit: int | None = None,
+                 max_prompt_tokens: int | None = None, skipped: dict | None = None,
+                 prefix: str = "data/") -> list[Prompt]:
+    """load_rows + tokenize_rows for the config key `key`; adds every skip count to `skipped` as
+    <prefix>skipped_<reason>; a source that leaves no prompt is a DataError naming the key."""
+    try:   # one source, or a list of them (data.train: DAPO-Math-17k + MATH train)
+        rows, stats = load_sources(source, split=split, limit=limit)
+    except DataError as e:
+        raise DataError(f"{key}: {e}") from None
+    prompts, tstats = tokenize_rows(rows, tokenizer, max_prompt_tokens=max_prompt_tokens)
+    if skipped is not None:
+        skipped.update({f"{prefix}{k}": v for k, v in {**stats, **tstats}.items() if k.startswith("skipped_")})
+    if not prompts:
+        why = (f"all {tstats['rows']} prompts are longer than data.max_prompt_tokens={max_prompt_tokens} "
+               f"(longest {tstats['prompt_tokens_max']} tokens); raise data.max_prompt_tokens")
+        if tstats["skipped_bad_text"]:
+            why = f"{tstats['skipped_bad_text']} of {tstats['rows']} prompts the tokenizer rejects, the rest too long"
+        raise DataError(f"{key}: no usable prompt in {source}: {why}")
+    return prompts
 
 
 def render(messages: list[dict], tokenizer: Any) -> str:

@@ -32,6 +32,7 @@ from pipeline.lifecycle import GracefulStop, RunFailed, plan_restart, plan_resum
 from pipeline.evaluate import evaluate_sets
 from pipeline.metrics import Progress
 from pipeline.sinks import open_sinks
+from pipeline.preflight import PreflightError, shortfall
 from pipeline.world import World, load_world
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,10 @@ def run(cfg) -> Path:
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     world = load_world(cfg)
     started_ray = init_ray(cfg)
+    if why := shortfall(cfg, ray.cluster_resources()):   # Ray Train would wait forever instead
+        if started_ray:
+            ray.shutdown()
+        raise PreflightError(why)
     stop, failures = GracefulStop(), 0
     try:
         while True:
@@ -84,7 +89,7 @@ def _attempt(cfg, world, run_dir: Path, plan, state, stop, attempt: int) -> int:
         keep = plan.step if state else (-1 if attempt else None)
         with open_sinks(cfg, run_dir, resume_after_step=keep) as mlog, Progress(total, initial=plan.step) as bar:
             if not state:
-                mlog.write({"step": 0, "policy_version": 0, **p.evaluate(None)})
+                mlog.write({"step": 0, "policy_version": 0, **world.skipped, **p.evaluate(None)})
             elif (mlog.metrics.last_step or 0) < plan.step:   # the checkpoint was saved, its row never written
                 mlog.write({**state["row"], **(p.evaluate(None) if _eval_due(cfg, plan.step) else {})})
             for step in range(plan.step + 1, total + 1):

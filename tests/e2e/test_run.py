@@ -20,7 +20,8 @@ STEP_KEYS = {"step", "policy_version", "time/step", "time/generate", "time/train
              "rollout/tokens_per_s", "time/weight_sync", "ledger/issued", "ledger/trained", "ledger/filtered",
              "ledger/dropped_stale", "ledger/carried", "ledger/in_flight", "selector/false_skip_rate",
              "selector/probes", "rollout/probe_samples", "rollout/difficulty_mean", "train/difficulty_mean",
-             "rollout/response_len_mean", "train/response_len_mean", "train/signal_groups"}
+             "rollout/response_len_mean", "train/response_len_mean", "train/signal_groups",
+             "reward/timeouts", "reward/errors"}
 MATH500 = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "math500.jsonl"
 LEDGER = ["ledger/trained", "ledger/filtered", "ledger/dropped_stale", "ledger/carried", "ledger/in_flight"]
 
@@ -38,6 +39,7 @@ def train(tmp_path, tiny_cache, *overrides) -> list[dict]:
 def test_each_selector_writes_the_metrics_contract(tmp_path, tiny_cache, selector):
     rows = train(tmp_path, tiny_cache, f"selector.name={selector}")
     assert rows[0]["step"] == 0 and 0 <= rows[0]["eval/accuracy"] <= 1       # the initial policy
+    assert rows[0]["data/skipped_no_answer"] == 0 and rows[0]["data/skipped_too_long"] == 0   # data counters
     steps = rows[1:]
     assert [r["step"] for r in steps] == [1, 2, 3, 4] and [r["policy_version"] for r in steps] == [1, 2, 3, 4]
     for r in steps:

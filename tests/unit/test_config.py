@@ -41,6 +41,24 @@ def test_overrides_merge_last_wins():
     ("pipeline.max_staleness=-1", "pipeline.max_staleness: must be >= 0"),
     ("train.tis_cap=0.5", "train.tis_cap: must be 0 (off) or >= 1"),
     ("conf=nope", "conf: no conf/nope.yaml"),
+    # values the run uses that would fail late, inside an actor (issue 10)
+    ("run.seed=-1", "run.seed: must lie in [0, 2**32)"),
+    ("reward.num_threads=0", "reward.num_threads: must be >= 1, got 0"),
+    ("data.limit=-5", "data.limit: must be >= 1 or null (all rows), got -5"),
+    ("data.limit=0", "data.limit: must be >= 1 or null"),
+    ("reward.max_chars=0", "reward.max_chars: must be >= 1"),
+    ("data.tiny.num_eval=0", "data.tiny.num_eval: must be >= 1, got 0"),
+    ("data.tiny.num_train=0", "data.tiny.num_train: must be >= 1, got 0"),
+    ("data.tiny.warm_target=1.5", "data.tiny.warm_target: must lie in (0, 1)"),
+    ("data.max_prompt_tokens=0", "data.max_prompt_tokens: must be >= 1"),
+    ("ray.num_cpus=0", "ray.num_cpus: must be > 0 or null"),
+    ("rollout.num_cpus=-1", "rollout.num_cpus: must be >= 0"),
+    ("rollout.num_gpus=-1", "rollout.num_gpus: must be >= 0"),
+    ("reward.num_cpus=-0.5", "reward.num_cpus: must be >= 0"),
+    ("train.cpus_per_worker=0", "train.cpus_per_worker: must be > 0"),
+    ("train.grad_clip=0", "train.grad_clip: must be > 0"),
+    ("rollout.vllm.tensor_parallel_size=2", "rollout.vllm.tensor_parallel_size: > 1 spans GPUs"),
+    ("rollout.vllm.gpu_memory_utilization=0", "rollout.vllm.gpu_memory_utilization: must lie in (0, 1]"),
 ])
 def test_bad_values_fail_with_one_line_naming_the_key(arg, message):
     with pytest.raises(ConfigError) as e:
@@ -104,7 +122,7 @@ def test_cli_reports_unknown_key_in_one_line_and_exits_nonzero():
     out = subprocess.run([sys.executable, "run.py", "conf=tiny", "some.unknown_key=1"], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
-    assert out.stderr.strip().splitlines() == ["config error: some.unknown_key: unknown key"]
+    assert out.stderr.strip().splitlines() == ["error: some.unknown_key: unknown key"]
 
 
 def test_cli_cfg_prints_merged_config():

@@ -32,7 +32,8 @@ def data_file(name: str) -> str:
 def test_dapo_parquet_loads_all_rows_with_stable_unique_uids():
     source = data_file("dapo_math_17k.parquet")
     rows, stats = load_rows(source)
-    assert stats == {"rows": 17917, "kept": 17917, "skipped_no_answer": 0, "skipped_no_prompt": 0}
+    assert stats == {"rows": 17917, "kept": 17917, "skipped_no_answer": 0, "skipped_no_prompt": 0,
+                     "skipped_bad_answer": 0, "skipped_bad_prompt": 0}
     uids = [r.uid for r in rows]
     assert len(set(uids)) == len(uids)
     assert uids[0] == "dapo_math_17k:0"   # extra_info.index of the first row
@@ -110,7 +111,8 @@ def test_rows_without_answer_or_prompt_are_skipped_and_counted(tmp_path, caplog)
     ])
     with caplog.at_level(logging.WARNING, logger="pipeline.data"):
         rows, stats = load_rows(source)
-    assert stats == {"rows": 10, "kept": 5, "skipped_no_answer": 3, "skipped_no_prompt": 2}
+    assert stats == {"rows": 10, "kept": 5, "skipped_no_answer": 3, "skipped_no_prompt": 2,
+                     "skipped_bad_answer": 0, "skipped_bad_prompt": 0}
     assert [r.uid for r in rows] == ["mini:0", "mini:6", "mini:7", "mini:8", "mini:9"]
     assert [r.ground_truth for r in rows] == ["2", "\\frac{1}{2}", "x^2", "$1$ or $2$", "7"]
     assert "skipped_no_answer" in caplog.text and "kept 5 of 10" in caplog.text
@@ -234,3 +236,111 @@ def test_importing_data_does_not_import_ray():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env=env, cwd=REPO, check=True)
     assert out.stdout.strip() == "False"
+
+
+# ---------------------------------------------------------------------------- bad input (issue 10)
+
+def test_missing_columns_name_the_columns_looked_for_and_found(tmp_path):
+    source = write_jsonl(tmp_path / "cols.jsonl", [{"text": "1+1?", "label": "2"}] * 2)
+    with pytest.raises(DataError) as e:
+        load_rows(source)
+    assert str(e.value) == (f"{source}: no usable row: of 2 rows, 2 had no prompt (looked for prompt / problem / "
+                            "question); columns found: label, text")
+
+
+def test_only_empty_answers_is_one_line_not_an_actor_traceback(tmp_path):
+    source = write_jsonl(tmp_path / "empty_answers.jsonl", [{"problem": "a", "answer": " "}, {"problem": "b"}])
+    with pytest.raises(DataError, match=r"of 2 rows, 2 had no answer \(looked for reward_model.ground_truth"):
+        load_rows(source)
+
+
+def test_lists_dicts_and_booleans_are_not_answers(tmp_path):
+    source = write_jsonl(tmp_path / "types.jsonl", [
+        {"problem": "list", "answer": [1, 2]}, {"problem": "dict", "answer": {"x": 1}},
+        {"problem": "bool", "answer": False}, {"problem": "int", "answer": 204},
+        {"problem": "float", "answer": 0.5}, {"problem": "verl list", "reward_model": {"ground_truth": ["1"]}},
+    ])
+    rows, stats = load_rows(source)
+    assert [(r.uid, r.ground_truth) for r in rows] == [("types:3", "204"), ("types:4", "0.5")]
+    assert stats["skipped_bad_answer"] == 4
+    only_bad = write_jsonl(tmp_path / "bad.jsonl", [{"problem": "a", "answer": True}])
+    with pytest.raises(DataError, match="1 had an answer that is not a string or a number"):
+        load_rows(only_bad)
+
+
+def test_prompts_that_are_not_text_are_skipped_and_counted(tmp_path):
+    source = write_jsonl(tmp_path / "prompts.jsonl", [
+        {"problem": 5, "answer": "1"}, {"prompt": [{"role": "user", "content": ["image"]}], "answer": "1"},
+        {"problem": "ok", "answer": "1"}])
+    rows, stats = load_rows(source)
+    assert [r.uid for r in rows] == ["prompts:2"] and stats["skipped_bad_prompt"] == 2
+
+
+def test_non_utf8_bytes_name_the_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"problem": "a", "answer": "1"}\n{"problem": "caf\xe9", "answer": "2"}\n')
+    with pytest.raises(DataError) as e:
+        load_rows(str(path))
+    assert str(e.value) == f"{path}:2: not UTF-8 (byte 0xe9); re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+
+
+def test_corrupt_parquet_is_one_line(tmp_path):
+    path = tmp_path / "broken.parquet"
+    path.write_bytes(b"PAR1 this is not a parquet file at all")
+    with pytest.raises(DataError, match=r"broken.parquet: not a readable parquet file \(ArrowInvalid: .*\); re-export"):
+        load_rows(str(path))
+
+
+@pytest.mark.parametrize("line, kind", [("[1, 2]", "list"), ('"just text"', "str"), ("7", "int"), ("null", "NoneType")])
+def test_json_lines_that_are_not_objects_name_the_line(tmp_path, line, kind):
+    path = tmp_path / "mixed.jsonl"
+    path.write_text('{"problem": "a", "answer": "1"}\n' + line + "\n")
+    with pytest.raises(DataError, match=rf"mixed.jsonl:2: a JSON {kind}, expected an object like"):
+        load_rows(str(path))
+
+
+def test_json_array_items_that_are_not_objects_are_named(tmp_path):
+    path = tmp_path / "arr.json"
+    path.write_text('[{"problem": "a", "answer": "1"}, [1]]')
+    with pytest.raises(DataError, match="arr.json: item 1 of the JSON array: a JSON list"):
+        load_rows(str(path))
+
+
+def test_duplicate_ids_name_both_rows(tmp_path):
+    rec = {"prompt": [{"role": "user", "content": "q"}], "reward_model": {"ground_truth": "1"}, "extra_info": {"index": 3}}
+    source = write_jsonl(tmp_path / "dup.jsonl", [rec, {"problem": "x", "answer": "2"}, rec])
+    with pytest.raises(DataError, match=r"dup.jsonl: rows 0 and 2 share the uid 'dup:3'; extra_info.index must be unique"):
+        load_rows(source)
+
+
+@pytest.mark.parametrize("content", ["", "\n\n  \n"])
+def test_empty_files_are_one_line(tmp_path, content):
+    path = tmp_path / "empty.jsonl"
+    path.write_text(content)
+    with pytest.raises(DataError, match=r"empty.jsonl: no rows \(the file or split is empty\)$"):
+        load_rows(str(path))
+
+
+def test_text_the_tokenizer_rejects_is_skipped_and_counted(random_world, tmp_path):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(random_world.tokenizer_dir))
+    path = tmp_path / "surrogate.jsonl"   # a JSON escape that decodes to a lone surrogate
+    path.write_text('{"problem": "1+1", "answer": "2"}\n{"problem": "bad \\ud800 text", "answer": "3"}\n')
+    rows, _ = load_rows(str(path), instruction="")
+    prompts, stats = tokenize_rows(rows, tok)
+    assert [p.uid for p in prompts] == ["surrogate:0"] and stats["skipped_bad_text"] == 1
+
+
+def test_load_prompts_counts_skips_and_refuses_an_all_too_long_source(random_world, tmp_path):
+    from transformers import AutoTokenizer
+    from pipeline.data import load_prompts
+    tok = AutoTokenizer.from_pretrained(str(random_world.tokenizer_dir))
+    source = write_jsonl(tmp_path / "mix.jsonl", [{"problem": "1+1", "answer": "2"}, {"problem": "x"},
+                                                  {"problem": "2+2" * 40, "answer": "4"}])
+    skipped: dict = {}
+    prompts = load_prompts(source, tok, key="data.train", max_prompt_tokens=100, skipped=skipped)
+    assert [p.uid for p in prompts] == ["mix:0"]
+    assert skipped["data/skipped_no_answer"] == 1 and skipped["data/skipped_too_long"] == 1
+    with pytest.raises(DataError, match=r"^data.train: no usable prompt in .*mix.jsonl: all 2 prompts are longer than "
+                                        r"data.max_prompt_tokens=2 \(longest \d+ tokens\); raise data.max_prompt_tokens$"):
+        load_prompts(source, tok, key="data.train", max_prompt_tokens=2)

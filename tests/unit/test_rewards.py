@@ -16,6 +16,7 @@ from pipeline.rewards import Grader, extract_boxed, score
 
 DATA = Path(__file__).parents[2].parent / "shared" / "data"
 MATH500 = DATA / "math500.jsonl"
+STALL = r"\boxed{9^{9^{9^{9}}}}"   # sympy builds a huge integer in C code, holding the GIL for minutes
 
 
 @pytest.fixture(scope="module")
@@ -138,3 +139,48 @@ def test_importing_rewards_does_not_import_ray():
     code = "import sys, pipeline.rewards; assert 'ray' not in sys.modules"
     root = Path(__file__).parents[2]
     subprocess.run([sys.executable, "-c", code], cwd=root, check=True)
+
+
+# --- adversarial output (issue 10) --------------------------------------------------------
+
+@pytest.mark.parametrize("response", [
+    "\\boxed{5}\x00\x00",                        # NUL bytes
+    "\ud800 \\boxed{5} \udfff",                  # lone surrogates (not encodable as UTF-8)
+    "\\boxed{" + "{" * 20_000 + "5",             # unbalanced, deeply nested
+    "\\frac{" * 3000 + "\\boxed{5}",             # parser food before the answer
+    "x" * 2_000_000 + "\\boxed{5}",              # 2 MB: only the tail is graded
+])
+def test_hostile_responses_never_raise_and_the_grader_keeps_working(grader, response):
+    assert grader.score(response, "5") in (0.0, 1.0)
+    assert grader.score(r"\boxed{5}", "5") == 1.0
+
+
+def test_a_burst_of_stalls_does_not_starve_another_caller():
+    """Workers go first come, first served: a clean check submitted while every worker runs a
+    stall is served when the first stall is cut, before the burst's second round."""
+    g = Grader(timeout_s=3.0, n_workers=2)
+    done = []
+    try:
+        g.score_many([(r"\boxed{1}", "1")] * 2)            # both workers up
+        burst = threading.Thread(target=lambda: done.append(("burst", g.score_many([(STALL, "1")] * 4))))
+        burst.start()
+        while g._n_started < 2 or g._idle:                  # the burst holds both workers
+            time.sleep(0.01)
+        done.append(("clean", g.score_many([(r"\boxed{2}", "2")] * 2)))
+        burst.join()
+    finally:
+        g.close()
+    assert done == [("clean", [1.0, 1.0]), ("burst", [0.0] * 4)]
+    assert g.counters["timeouts"] == 4
+
+
+def test_replacements_come_from_the_fork_server():
+    g = Grader(timeout_s=1.0, n_workers=1)
+    try:
+        assert g.score(r"\boxed{5}", "5") == 1.0
+        first = g._idle[0].pid
+        assert g.score(STALL, "1") == 0.0 and g.counters["timeouts"] == 1
+        assert g.score(r"\boxed{5}", "5") == 1.0
+        assert g._idle[0].pid not in (0, first)             # a new process, forked (not launched)
+    finally:
+        g.close()
