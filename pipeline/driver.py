@@ -253,6 +253,7 @@ class Pipeline:
             if stop is not None and stop.requested and not self.stop_sent:
                 ray.get(self.selector.request_stop.remote())
                 self.stop_sent = True
+            self.check_stages()   # every time: a dead generator is noticed even while steps keep coming
             try:
                 row = self.metrics_q.get(timeout=1.0)
                 self.last_step_at = time.monotonic()
@@ -260,7 +261,6 @@ class Pipeline:
                 return row
             except ray.util.queue.Empty:
                 pass
-            self.check_stages()
             if time.monotonic() - self.last_step_at > self.cfg.pipeline.step_timeout_s:
                 raise StageFailed("watchdog", self._hang_report(), recoverable=False)
 
