@@ -125,6 +125,18 @@ def test_a_killed_learner_restarts_from_its_checkpoint(tmp_path, tiny_cache, ray
     _assert_complete(_rows(run_dir), 20)
 
 
+def test_a_killed_rewarder_restarts_from_the_checkpoint_with_its_groups_restored(tmp_path, tiny_cache, ray_tmp):
+    run_dir = tmp_path / "run"
+    res = _run(_cmd(run_dir, tiny_cache, "trainer.total_steps=20", "trainer.save_every=10",
+                    "faults.kill=rewarder@step=12"), ray_tmp)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "rewarder: the actor died" in res.stderr and "step_10" in res.stderr
+    rows = _rows(run_dir)
+    _assert_complete(rows, 20)
+    carried = json.loads((run_dir / "checkpoints" / "step_10" / "pipeline.json").read_text())["carried"]
+    assert sum(r["train/restored_groups"] + r["train/restored_stale"] for r in rows[11:]) == len(carried)
+
+
 def test_a_killed_selector_ends_the_run_in_one_line_with_the_resume_command(tmp_path, tiny_cache, ray_tmp):
     run_dir = tmp_path / "run"
     res = _run(_cmd(run_dir, tiny_cache, "trainer.total_steps=20", "trainer.save_every=4",
