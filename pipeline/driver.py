@@ -285,6 +285,7 @@ class Pipeline:
             raise StageFailed("learner", one_line(self.fit_error), recoverable=True)
 
     def _restart_generator(self, i: int, error: Exception) -> None:
+        """Count the death, re-issue what the generator held, wait for Ray's restart, resume its loop."""
         n = self.deaths.record(i)
         if self.deaths.exhausted(i):
             raise StageFailed(f"generator {i}", f"died {n} times within rollout.death_window_min="
@@ -292,6 +293,16 @@ class Pipeline:
                               f"{self.cfg.rollout.max_deaths}); last error: {one_line(error)}", recoverable=False)
         lost = ray.get(self.selector.generator_lost.remote(i))
         log.warning("generator %d died (%s): Ray restarts it; %d prompts it held re-issued", i, one_line(error), lost)
+        deadline = time.monotonic() + 600   # a vLLM engine on a loaded node takes minutes to come back
+        while True:   # calls to a restarting actor fail at once (ActorUnavailableError): ask until it answers
+            try:
+                ray.get(self.generators[i].pid.remote(), timeout=30)
+                break
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
+                if time.monotonic() > deadline:
+                    raise StageFailed(f"generator {i}", f"did not come back within 600 s after dying "
+                                      f"({one_line(e)})", recoverable=False) from None
+                time.sleep(1.0)
         self.loops[2 + i] = self.generators[i].run.remote()
 
     def _inject(self, step: int) -> None:

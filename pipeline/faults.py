@@ -74,7 +74,7 @@ def one_line(e: BaseException) -> str:
 def stalled_stage(status: dict, queues: dict, timeout_s: float) -> str:
     """Name the stage a hung pipeline waits on, from the selector's status and the queue depths."""
     held = status.get("held_since_s", {})
-    stuck = {i: s for i, s in held.items() if s >= timeout_s}
+    stuck = {i: s for i, s in held.items() if s >= timeout_s / 2}   # one request for half the timeout
     if stuck:
         i = max(stuck, key=stuck.get)
         return f"generator {i} (holds one request for {stuck[i]:.0f} s)"
