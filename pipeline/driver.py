@@ -212,7 +212,7 @@ class Pipeline:
         self.loops, self.fit_error, self.fit_thread, self.stop_sent = [], None, None, False
         self.deaths = DeathBudget(r.max_deaths, r.death_window_min * 60)
         self.faults = [f for f in parse_faults(cfg.faults.kill) if f.stage != "learner"]   # the learner fires its own
-        self.last_step_at = time.monotonic()
+        self.last_step_at, self.stepped = time.monotonic(), False
 
     def _trainer(self):
         from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -256,12 +256,14 @@ class Pipeline:
             self.check_stages()   # every time: a dead generator is noticed even while steps keep coming
             try:
                 row = self.metrics_q.get(timeout=1.0)
-                self.last_step_at = time.monotonic()
+                self.last_step_at, self.stepped = time.monotonic(), True
                 self._inject(row["step"])
                 return row
             except ray.util.queue.Empty:
                 pass
-            if time.monotonic() - self.last_step_at > self.cfg.pipeline.step_timeout_s:
+            # the first step also waits for Ray Train to start and load the model: three timeouts' grace
+            limit = self.cfg.pipeline.step_timeout_s * (1 if self.stepped else 3)
+            if time.monotonic() - self.last_step_at > limit:
                 raise StageFailed("watchdog", self._hang_report(), recoverable=False)
 
     def check_stages(self) -> None:
