@@ -67,11 +67,9 @@ class Generator:
     def run(self) -> None:
         """The generation loop (a long-running actor call): request in, ObjectRef out."""
         while not self.stopped:
-            try:
-                req = self.prompt_q.get(timeout=0.5)
-            except Empty:
+            req = self._take()
+            if req is None:
                 continue
-            self._holding(req.tickets)
             self._maybe_stall()
             self.rollout_q.put([ray.put(self.generate(req))])   # a list: Ray would inline a bare ref
             self._holding(())
@@ -83,6 +81,19 @@ class Generator:
                for f in parse(self.cfg.faults.stall)):
             while True:
                 time.sleep(1.0)
+
+    def _take(self) -> Request | None:
+        """The next request: through the selector when wired (it notes what we hold in the same
+        call), else straight from the prompt queue."""
+        if self.selector is None:
+            try:
+                return self.prompt_q.get(timeout=0.5)
+            except Empty:
+                return None
+        req = ray.get(self.selector.take.remote(self.index))
+        if req is None:
+            time.sleep(0.02)
+        return req
 
     def _holding(self, tickets) -> None:
         if self.selector is not None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter, deque
-from queue import Full
+from queue import Empty, Full
 
 import numpy as np
 
@@ -191,6 +191,16 @@ class PromptSelector:
         return refused
 
     # --- faults --------------------------------------------------------------
+    def take(self, holder: int) -> Request | None:
+        """Generator `holder` takes the next request; we note what it holds here, in the same call,
+        so a generator that dies at any moment after asking has its work re-issued."""
+        try:
+            req = self.prompt_q.get_nowait()
+        except Empty:
+            req = None
+        self.holding(holder, req.tickets if req else ())
+        return req
+
     def holding(self, holder: int, tickets) -> None:
         """Generator `holder` now holds these tickets (the request it generates; () when done)."""
         with self.lock:
