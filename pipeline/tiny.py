@@ -32,7 +32,8 @@ from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from pipeline.types import Prompt
 
-VERSION = 1  # bump when the task, vocabulary, model or warm start changes: new cache key
+VERSION = 2  # bump when the task, vocabulary, model or warm start changes: new cache key
+HARDEST_FLOOR = 0.05  # the warm start also needs 3-digit + 3-digit sums above this (see warm_start)
 SPECIALS = ("[PAD]", "[BOS]", "[EOS]", "[UNK]")
 CHARS = tuple("0123456789+=") + tuple("-*()")  # the last four are spare: 20 tokens in all
 PROMPT_LEN = 9   # [BOS] a a a + b b b =
@@ -188,10 +189,15 @@ def warm_start(model, tokenizer, eval_prompts: list[Prompt], held_out: set, *, s
     ramp = lambda s: min(1.0, (s + 1) / WARM["warmup_steps"])  # noqa: E731  linear warmup
     warmup = torch.optim.lr_scheduler.LambdaLR(opt, ramp)
     acc, step, t0 = 0.0, 0, time.perf_counter()
+    # DESIGN.md's trap: if 3-digit + 3-digit sums are all wrong, those groups give RL no gradient
+    # and it stalls at ~0.4. Where held-out accuracy first crosses the target depends on the CPU's
+    # float kernels (seen: 0.036 on that cell here), so the stop rule asks for it outright.
+    hardest = [p for p in eval_prompts if all(len(x) == 3 for x in p.uid.removeprefix("tiny:").split("+"))]
+    hard_acc = 0.0 if hardest else 1.0
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model.train()
-        while step < WARM["max_steps"] and acc < target:
+        while step < WARM["max_steps"] and (acc < target or hard_acc <= HARDEST_FLOOR):
             ids, labels = _train_batch(tokenizer, rng, WARM["batch_size"], held_out)
             loss = model(ids, labels=labels).loss
             opt.zero_grad(set_to_none=True)
@@ -202,6 +208,8 @@ def warm_start(model, tokenizer, eval_prompts: list[Prompt], held_out: set, *, s
             step += 1
             if step % (WARM["eval_every"] if acc < target / 2 else WARM["eval_every_near"]) == 0:
                 acc = greedy_accuracy(model, tokenizer, eval_prompts)
+                if acc >= target and hardest:
+                    hard_acc = greedy_accuracy(model, tokenizer, hardest)
                 if step % 50 == 0 or acc >= target:
                         log(f"tiny warm start: step {step} loss {loss.item():.3f} held-out "
                         f"greedy {acc:.3f} ({time.perf_counter() - t0:.1f}s)")
