@@ -1,6 +1,7 @@
 """Generator: pulls requests, syncs to the newest published weights, samples n per prompt."""
 from __future__ import annotations
 
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -9,6 +10,7 @@ from queue import Empty
 import ray
 
 from pipeline.engines.base import SamplingConfig, make_engine
+from pipeline.transport import Slot, TornRead, views_of
 from pipeline.types import Prompt, Request, RolloutGroup
 
 
@@ -33,36 +35,74 @@ class Generator:
         self.version, self.requests, self.stopped = version, 0, False   # version: what model_dir holds
         self.lock = threading.Lock()          # one engine: evaluation and rollout take turns
         self.sync_seconds = 0.0
+        self.node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
     def sync_weights(self, min_version: int = 0) -> int:
         """Load the newest published weights if they are newer than ours."""
-        version, refs = ray.get(self.store.latest.remote())
-        if version > self.version:
-            t0 = time.perf_counter()
-            self.engine.update_weights(ray.get(refs[0]))
-            self.sync_seconds += time.perf_counter() - t0
-            self.version = version
+        for _ in range(3):   # a slot rewritten while we read it: the store has a newer one
+            version, *payload = ray.get(self.store.latest.remote(self.node))
+            if version <= self.version:
+                break
+            try:
+                self._load(version, payload)
+                break
+            except TornRead:
+                continue
         if self.version < min_version:
             raise RuntimeError(f"request needs policy v{min_version}, store has v{version}")
         return self.version
+
+    def _load(self, version: int, payload) -> None:
+        """Fetch and stage outside the engine lock (a rollout may be running), load under it."""
+        staged = self._stage(payload)
+        with self.lock:
+            self._apply(version, staged)
+
+    def _apply(self, version: int, staged) -> None:
+        """Load staged weights into the engine (the caller holds the engine lock)."""
+        if version == self.version:
+            return
+        t0 = time.perf_counter()
+        if isinstance(staged, Slot):
+            self.engine.load_slot(staged)
+        else:
+            self.engine.update_weights(staged)
+        self.sync_seconds += time.perf_counter() - t0
+        self.version = version
+
+    def _stage(self, payload):
+        """A Slot on this node as it is; otherwise the weights as tensors: the object store's
+        state (weight_sync=object_store), or a remote node's slot bytes viewed in place."""
+        slot, remote = payload
+        if isinstance(slot, Slot):
+            if slot.node in ("", self.node) and os.path.exists(slot.path):
+                return slot
+            if remote is None:
+                raise RuntimeError(f"weights v{slot.version} are in {slot.path} on node {slot.node[:8]}, "
+                                   "not readable here, and no copy was put in the object store")
+            return views_of(ray.get(remote))[0]
+        return ray.get(slot[0])
 
     def generate(self, req: Request) -> Rollouts:
         r = self.cfg.rollout
         sampling = SamplingConfig(n=r.n, temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
                                   seed=hash((self.cfg.run.seed, self.index, self.version, self.requests)) % 2**31)
-        with self.lock:
-            synced = self.sync_seconds
+        synced = self.sync_seconds
+        while True:
             self.sync_weights(req.min_version)
-            synced = self.sync_seconds - synced
-            t0 = time.perf_counter()
-            out = self.engine.generate([p.token_ids for p in req.prompts], sampling)
-            seconds = time.perf_counter() - t0
+            with self.lock:
+                if self.version < req.min_version:   # an evaluation loaded an older version meanwhile
+                    continue
+                t0 = time.perf_counter()
+                out = self.engine.generate([p.token_ids for p in req.prompts], sampling)
+                seconds, version = time.perf_counter() - t0, self.version
+                break
         self.requests += 1
         probes = req.probe or (False,) * len(req.prompts)
-        groups = tuple(RolloutGroup(t, p, tuple(s), self.version, probe)
+        groups = tuple(RolloutGroup(t, p, tuple(s), version, probe)
                        for t, p, s, probe in zip(req.tickets, req.prompts, out, probes))
         tokens = sum(len(s.token_ids) for g in groups for s in g.samples)
-        return Rollouts(groups, seconds, tokens, synced)
+        return Rollouts(groups, seconds, tokens, self.sync_seconds - synced)
 
     def run(self) -> None:
         """The generation loop (a long-running actor call): request in, ObjectRef out."""
@@ -106,18 +146,20 @@ class Generator:
 
     def evaluate(self, prompts: list[Prompt], max_new_tokens: int, weights=None, k: int = 0,
                  top_p: float | None = None) -> tuple[int, list[str]]:
-        """Responses of policy `weights` = (version, [ref]); None = the weights we hold.
+        """Responses of policy `weights` = (version, payload, remote bytes) as the store's publish
+        returned them (the driver pins that version until it is done); None = what we hold.
 
         k = 0: one greedy response per prompt. k > 0: k samples per prompt at the rollout
         temperature and `top_p` (None = rollout.top_p) for avg@k, prompt-major, seeded by
-        (run.seed, generator, version) so a rerun reproduces it. Loading an older version for evaluation is safe: the next
-        rollout's sync sees the store's newer version and loads it back.
+        (run.seed, generator, version) so a rerun reproduces it. The evaluation runs right
+        after the learner published the version, so loading it is the sync the next rollout
+        would do anyway; only a generator already on a newer version loads back and forth.
         """
         r = self.cfg.rollout
+        staged = self._stage(weights[1:]) if weights is not None and weights[0] != self.version else None
         with self.lock:
-            if weights is not None and weights[0] != self.version:
-                self.engine.update_weights(ray.get(weights[1][0]))
-                self.version = weights[0]
+            if weights is not None and weights[0] != self.version:   # usually the sync the next rollout does anyway
+                self._apply(weights[0], staged if staged is not None else self._stage(weights[1:]))
             sampling = (SamplingConfig(n=1, temperature=0.0, max_new_tokens=max_new_tokens) if k == 0 else
                         SamplingConfig(n=k, temperature=r.temperature, top_p=r.top_p if top_p is None else top_p,
                                        max_new_tokens=max_new_tokens,

@@ -16,7 +16,9 @@ import ray
 import torch
 import torch.distributed as dist
 
+from actors.weights import Publisher
 from pipeline.batching import is_stale, staleness
+from pipeline.lifecycle import eval_due
 from pipeline.grpo import LossConfig
 from pipeline.parallel import full_state_dict, resolve_strategy, wrap_model
 from pipeline.policy import collate, grpo_update, micro_batches, mini_batch_slices
@@ -117,7 +119,8 @@ def train_loop_per_worker(config: dict) -> None:
     learner = Learner(cfg, model, rank=rank, world_size=world, pad_id=config["pad_id"])
     saver = Saver(cfg, config, learner, rank)
     saver.restore()
-    store, selector, train_q, metrics_q = (config[k] for k in ("store", "selector", "train_q", "metrics_q"))
+    publisher = Publisher(cfg, config["store"], config["run_dir"]) if rank == 0 else None
+    selector, train_q, metrics_q = (config[k] for k in ("selector", "train_q", "metrics_q"))
     last = time.perf_counter()
     for step in range(learner.version + 1, cfg.trainer.total_steps + 1):
         t0 = time.perf_counter()
@@ -133,7 +136,8 @@ def train_loop_per_worker(config: dict) -> None:
         state = learner.state_dict_for_publish()  # a collective under FSDP: every rank gathers
         row = {}
         if rank == 0:
-            weights = ray.get(store.publish.remote(learner.version, state))
+            # an evaluation will read this version: pinned, so its slot is not rewritten before it does
+            weights = publisher.publish(learner.version, state, pin=eval_due(cfg, step))
             row = {**ray.get(selector.settle.remote(learner.version, trained, stale)), **metrics}
             now = time.perf_counter()
             row.update({"step": step, "policy_version": learner.version, "time/wait_learner": t1 - t0,

@@ -105,6 +105,7 @@ class VLLMSection:
     max_model_len: Optional[int] = None  # None = max_prompt_tokens + max_new_tokens
     kv_cache_gib: int = 1              # CPU build only: KV cache size (VLLM_CPU_KVCACHE_SPACE)
     enable_sleep_mode: bool = False    # GPU: free weights/KV cache between rollouts when co-located
+    multiprocessing: Optional[bool] = None  # engine core in a subprocess; None = vLLM's default on GPU (yes), no on CPU
 
 
 @dataclass
@@ -119,6 +120,7 @@ class RolloutSection:
     request_size: int = 32             # prompts per request handed to one generator
     num_cpus: float = 1.0              # per generator actor
     num_gpus: float = 0.0              # per generator actor
+    weight_sync: str = "shm"           # shm: slot files in node-local shared memory | object_store: the old pickled path
     max_deaths: int = 3                # a generator is restarted after a death, up to this many times ...
     death_window_min: float = 10.0     # ... within this many minutes; one more death ends the run
     vllm: VLLMSection = field(default_factory=VLLMSection)
@@ -290,6 +292,8 @@ def validate(cfg: DictConfig) -> None:
     _check(s.oversample >= 1, "selector.oversample", "must be >= 1")
     _check(s.sizing in SIZINGS, "selector.sizing", f"must be one of {SIZINGS}, got {s.sizing!r}")
     _check(s.min_sampling >= 1, "selector.min_sampling", f"must be >= 1, got {s.min_sampling}")
+    _check(r.weight_sync in ("shm", "object_store"), "rollout.weight_sync",
+           f"must be shm or object_store, got {r.weight_sync!r}")
     _check(0 <= s.hard_mean_max < s.easy_mean_min <= 1, "selector.easy_mean_min",
            f"need 0 <= hard_mean_max < easy_mean_min <= 1, got {s.hard_mean_max} / {s.easy_mean_min}")
     _check(0 <= s.probe_fraction < 1, "selector.probe_fraction", f"must lie in [0, 1), got {s.probe_fraction}")

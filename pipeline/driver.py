@@ -23,16 +23,17 @@ from actors.generator import Generator
 from actors.learner import train_loop_per_worker
 from actors.rewarder import Rewarder
 from actors.selector import PromptSelector
-from actors.weights import WeightStore
+from actors.weights import WeightStore, remove_slots
 from pipeline import checkpoint as ck
 from pipeline.checkpoint import step_dir
 from pipeline.faults import DeathBudget, StageFailed, one_line, stalled_stage
 from pipeline.faults import parse as parse_faults
-from pipeline.lifecycle import GracefulStop, RunFailed, plan_restart, plan_resume, resume_command
+from pipeline.lifecycle import GracefulStop, RunFailed, eval_due, plan_restart, plan_resume, resume_command
 from pipeline.evaluate import evaluate_sets
 from pipeline.metrics import Progress
 from pipeline.sinks import open_sinks
 from pipeline.preflight import PreflightError, shortfall
+from pipeline.transport import Slot
 from pipeline.world import World, load_world
 
 log = logging.getLogger(__name__)
@@ -91,11 +92,13 @@ def _attempt(cfg, world, run_dir: Path, plan, state, stop, attempt: int) -> int:
             if not state:
                 mlog.write({"step": 0, "policy_version": 0, **world.skipped, **p.evaluate(None)})
             elif (mlog.metrics.last_step or 0) < plan.step:   # the checkpoint was saved, its row never written
-                mlog.write({**state["row"], **(p.evaluate(None) if _eval_due(cfg, plan.step) else {})})
+                mlog.write({**state["row"], **(p.evaluate(None) if eval_due(cfg, plan.step) else {})})
             for step in range(plan.step + 1, total + 1):
                 row = p.next_step(stop)
-                if _eval_due(cfg, step):
+                if eval_due(cfg, step):   # the learner pinned this version for us
                     row.update(p.evaluate(row["weights"]))
+                    p.store.unpin.remote(row["weights"][0])
+                p.last_weights = row["weights"]
                 stopping = row.pop("stopping")
                 row.pop("weights")
                 mlog.write(row)
@@ -106,10 +109,6 @@ def _attempt(cfg, world, run_dir: Path, plan, state, stop, attempt: int) -> int:
     finally:
         p.stop()
     return step
-
-
-def _eval_due(cfg, step: int) -> bool:
-    return step == cfg.trainer.total_steps or bool(cfg.eval.every and step % cfg.eval.every == 0)
 
 
 def _failure_message(e: StageFailed, run_dir: Path, failures: int, cfg) -> str:
@@ -213,6 +212,7 @@ class Pipeline:
         self.deaths = DeathBudget(r.max_deaths, r.death_window_min * 60)
         self.faults = [f for f in parse_faults(cfg.faults.kill) if f.stage != "learner"]   # the learner fires its own
         self.last_step_at, self.stepped = time.monotonic(), False
+        self.last_weights = None      # the newest (version, slot, remote) seen: its directory is removed at the end
 
     def _trainer(self):
         from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -358,6 +358,20 @@ class Pipeline:
             ray.kill(a, no_restart=True)
         if self.fit_thread is not None:
             self.fit_thread.join(timeout=120)
+        self._remove_slots()
+
+    def _remove_slots(self) -> None:
+        """Free the shared memory of the published versions, on the node that holds them."""
+        slot = self.last_weights[1] if self.last_weights else None
+        if not isinstance(slot, Slot):
+            return
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+        where = NodeAffinitySchedulingStrategy(slot.node, soft=True) if slot.node else None
+        try:
+            ray.get(ray.remote(remove_slots).options(num_cpus=0, scheduling_strategy=where).remote(slot.path),
+                    timeout=60)
+        except Exception as e:   # noqa: BLE001 - a node gone with its shared memory: nothing left to free
+            log.warning("could not remove the weight slots in %s: %s", Path(slot.path).parent, one_line(e))
 
     def finish(self) -> None:
         """After the last step: let Ray Train's fit() return before Ray may shut down."""

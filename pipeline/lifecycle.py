@@ -76,3 +76,8 @@ class GracefulStop:
     def restore(self) -> None:
         for s, handler in self.previous.items():
             signal.signal(s, handler)
+
+
+def eval_due(cfg, step: int) -> bool:
+    """Is `step` an evaluation step (every eval.every steps, and the last)?"""
+    return step == cfg.trainer.total_steps or bool(cfg.eval.every and step % cfg.eval.every == 0)

@@ -23,6 +23,10 @@ class Engine(Protocol):
     def update_weights(self, state: dict) -> None:
         """Load a full state dict (name -> tensor) in place; no disk round trip."""
 
+    def load_slot(self, slot) -> None:
+        """Load a published version from its shared-memory file (pipeline/transport.py); raises
+        TornRead when the file was rewritten meanwhile."""
+
 
 def make_engine(kind: str, model_path: str, tokenizer_path: str, *, cfg=None) -> Engine:
     """kind: hf | vllm | auto (vLLM when importable)."""

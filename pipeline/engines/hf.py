@@ -34,9 +34,17 @@ class HFEngine:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         eos = self.model.generation_config.eos_token_id or self.tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
+        self.reader = None        # slot files stay mapped between syncs
 
     def update_weights(self, state: dict) -> None:
-        self.model.load_state_dict(state, strict=False)
+        self.model.load_state_dict(state, strict=False)   # copies (and casts) into our parameters
+
+    def load_slot(self, slot) -> None:
+        """Load a published slot file: its mapped pages copied straight into the parameters."""
+        if self.reader is None:
+            from pipeline.transport import SlotReader
+            self.reader = SlotReader()
+        self.reader.load(slot, self.update_weights)
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[list[Sample]]:

@@ -12,16 +12,26 @@ Importing this module does not import vllm; constructing `VLLMEngine` does. Quir
   definition, so importance weights mean the same whichever engine sampled. (With
   top_p < 1 vLLM renormalises over the nucleus and HF does not; at top_p = 1 they agree.)
 - Weight sync: `load_weights` on a running CPU model fails (weights are repacked after
-  load), so `update_weights` goes through the model runner's `reload_weights`, called in
-  each worker by `WeightReloader`, a worker extension class.
+  load), so weights go through the model runner's `reload_weights`, called in each worker
+  by `WeightReloader`, a worker extension class. With the engine core in a subprocess
+  (vLLM's default, always on GPU) only a slot's path crosses `collective_rpc`: msgpack
+  turns a dict of tensors into lists and refuses bytes over 2**32 - 1
+  (vllm/v1/serial_utils.py), and `_rpc` refuses any argument over MAX_INLINE_BYTES.
+- Why a shared-memory file and not vLLM's own weight-transfer engines
+  (vllm/distributed/weight_transfer/nccl_engine.py, ipc_engine.py): those need CUDA
+  (pynccl, CUDA IPC handles) and every generator joining one NCCL group with the learner,
+  receiving in lockstep; our generators sync on their own between requests. A slot works
+  on CPU and GPU alike, and the learner's cost is one copy into shared memory.
 """
 from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 from typing import Iterator, Sequence
 
 from pipeline.engines.base import SamplingConfig
+from pipeline.transport import MAX_INLINE_BYTES, SHM, Slot, SlotReader, SlotWriter, TornRead
 from pipeline.types import Sample
 
 INSTALL_HINT = ("rollout.engine=vllm needs vLLM: pip install 'greso[vllm]' on GPU machines, "
@@ -35,17 +45,46 @@ class WeightReloader:
     weight-transfer backends.
     """
 
-    def reload_from_state(self, state) -> None:
-        """`state`: name -> tensor (in-process engine) or safetensors bytes (engine in a subprocess)."""
-        if isinstance(state, (bytes, bytearray, memoryview)):
-            from safetensors.torch import load
-            state = load(bytes(state))
+    def reload_from_state(self, state: dict) -> None:
+        """`state`: name -> tensor; only for an engine core in this process (tensors by reference)."""
         self.model_runner.reload_weights(weights_iterator=_items(state))  # copies onto the device
+
+    def reload_from_slot(self, path: str, version: int, tied: bool) -> bool:
+        """Load the slot file at `path` (views of its mapped pages); False if it was rewritten."""
+        reader = self.__dict__.setdefault("_greso_slots", SlotReader())   # files stay mapped
+        try:
+            reader.load(Slot(version, path, 0),
+                        lambda views: self.model_runner.reload_weights(weights_iterator=_items(_tie(views, tied))))
+        except TornRead:
+            return False
+        return True
 
 
 def _items(state: dict) -> Iterator[tuple]:
     for name, tensor in state.items():
         yield name, tensor.detach()
+
+
+def _tie(state: dict, tied: bool) -> dict:
+    """A reload leaves a layer absent from the state at its old values, and vLLM's tied lm_head
+    is its own layer: without the embedding under its name too, the head keeps the old weights."""
+    if tied and "lm_head.weight" not in state and "model.embed_tokens.weight" in state:
+        return {**state, "lm_head.weight": state["model.embed_tokens.weight"]}
+    return state
+
+
+def _inline_bytes(value) -> int:
+    """Bytes an RPC argument would carry inline (tensors, buffers, containers of them)."""
+    import torch
+    if isinstance(value, torch.Tensor):   # msgpack would turn it into nested lists: never inline
+        return max(value.numel() * value.element_size(), MAX_INLINE_BYTES + 1)
+    if isinstance(value, (bytes, bytearray, memoryview, str)):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(_inline_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_inline_bytes(v) for v in value)
+    return 0
 
 
 def _cfg(cfg, key: str, default):
@@ -55,6 +94,15 @@ def _cfg(cfg, key: str, default):
     from omegaconf import OmegaConf
     value = OmegaConf.select(cfg, key, default=default)
     return default if value is None else value
+
+
+def engine_core_in_subprocess(cfg, on_gpu: bool) -> bool | None:
+    """rollout.vllm.multiprocessing: the engine core in a subprocess? null = vLLM's default on
+    GPU (a subprocess), in-process on CPU (starts several times faster); true/false force it."""
+    value = _cfg(cfg, "rollout.vllm.multiprocessing", None)
+    if value is None:
+        return None if on_gpu else False
+    return bool(value)
 
 
 def _max_model_len(model_path: str, cfg) -> int:
@@ -73,6 +121,9 @@ class VLLMEngine:
         on_gpu = torch.cuda.is_available()
         if not on_gpu:  # read at import time by the CPU build
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(_cfg(cfg, "rollout.vllm.kv_cache_gib", 1)))
+        mp = engine_core_in_subprocess(cfg, on_gpu)
+        if mp is not None:   # vllm.envs reads it when asked (vllm/envs.py __getattr__), so before LLM()
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if mp else "0"
         try:
             import vllm
         except ImportError as e:
@@ -95,7 +146,8 @@ class VLLMEngine:
         self.build_seconds = time.perf_counter() - t0
         hf_config = self.llm.llm_engine.model_config.hf_config.get_text_config()
         self.tied = bool(getattr(hf_config, "tie_word_embeddings", False))
-        self.sync_seconds = 0.0  # of the last update_weights
+        self.sync_seconds = 0.0  # of the last weight load
+        self.reader, self.staging = SlotReader(), None
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[list[Sample]]:
         """For each prompt, `sampling.n` samples; prompt i's samples use seeds seed + i*n + j."""
@@ -118,23 +170,44 @@ class VLLMEngine:
     def update_weights(self, state: dict) -> float:
         """Load a full state dict (name -> tensor) in place; returns the seconds it took.
 
-        In-process, tensors pass as they are. With the engine core in a subprocess,
-        collective_rpc's msgpack turns tensors in a dict into lists, so the state
-        travels as one safetensors blob and is rebuilt in the worker. On GPU the
-        reload copies host tensors onto the device; a NCCL broadcast from the learner
-        is the faster path to add for large models.
+        In-process the tensors pass by reference; with the engine core in a subprocess the
+        state is first written to a private slot in shared memory and loaded from there.
         """
+        if self.in_process:
+            return self._timed(lambda: self._rpc("reload_from_state", _tie(state, self.tied)))
+        if self.staging is None:   # a private slot directory, removed when this process exits
+            import atexit
+            import shutil
+            import tempfile
+            where = tempfile.mkdtemp(prefix="greso-engine-", dir=SHM if SHM.is_dir() else None)
+            atexit.register(shutil.rmtree, where, True)
+            self.staging = SlotWriter(Path(where))
+        version = max((s["version"] for s in self.staging.slots), default=0) + 1
+        return self.load_slot(self.staging.write(version, state))
+
+    def load_slot(self, slot: Slot) -> float:
+        """Load a published slot file; raises TornRead when it was rewritten meanwhile."""
+        if self.in_process:
+            return self._timed(lambda: self.reader.load(
+                slot, lambda views: self._rpc("reload_from_state", _tie(views, self.tied))))
+        def load():
+            if not all(self._rpc("reload_from_slot", slot.path, slot.version, self.tied)):
+                raise TornRead(f"{slot.path} was rewritten while v{slot.version} was loaded")
+        return self._timed(load)
+
+    def _timed(self, load) -> float:
         t0 = time.perf_counter()
-        if self.tied and "lm_head.weight" not in state and "model.embed_tokens.weight" in state:
-            # A reload leaves a layer absent from the state at its old values, and vLLM's
-            # tied lm_head is its own layer: without this, the head keeps the old weights.
-            state = {**state, "lm_head.weight": state["model.embed_tokens.weight"]}
-        if not self.in_process:
-            state = _to_bytes(state)
-        self.llm.collective_rpc("reload_from_state", args=(state,))
+        load()
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
         self.sync_seconds = time.perf_counter() - t0
         return self.sync_seconds
+
+    def _rpc(self, method: str, *args):
+        """collective_rpc to every worker; an engine core in a subprocess gets handles, never weights."""
+        if not self.in_process and (size := _inline_bytes(args)) > MAX_INLINE_BYTES:
+            raise ValueError(f"{method}: {size} bytes inline to vLLM's engine core (limit {MAX_INLINE_BYTES}); "
+                             "pass a slot path instead")
+        return self.llm.collective_rpc(method, args=args)
 
     def sleep(self, level: int = 1) -> None:
         """Free GPU memory between rollouts (needs rollout.vllm.enable_sleep_mode); a no-op on CPU."""
@@ -144,17 +217,6 @@ class VLLMEngine:
     def wake_up(self) -> None:
         if self.can_sleep:
             self.llm.wake_up()
-
-
-def _to_bytes(state: dict) -> bytes:
-    """One safetensors blob; tensors sharing memory (tied weights) are copied, as safetensors asks."""
-    from safetensors.torch import save
-    seen, flat = set(), {}
-    for name, tensor in state.items():
-        tensor = tensor.detach().contiguous().cpu()
-        flat[name] = tensor.clone() if tensor.data_ptr() in seen else tensor
-        seen.add(tensor.data_ptr())
-    return save(flat)
 
 
 def _sample_of(c) -> Sample:

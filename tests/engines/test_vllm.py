@@ -150,13 +150,15 @@ def test_eos_is_kept_and_marks_finished_like_hf(engine, worlds, prompts):
 
 
 MULTIPROCESS_SCRIPT = """
-import sys
+import pickle, sys
+from pathlib import Path
 from omegaconf import OmegaConf
 from pipeline.config import Config
 from pipeline.engines.base import SamplingConfig
 from pipeline.engines.hf import HFEngine
 from pipeline.engines.vllm import VLLMEngine
 from pipeline.tiny import make_random_world
+from pipeline.transport import MAX_INLINE_BYTES, SlotWriter
 from transformers import AutoModelForCausalLM
 
 if __name__ == "__main__":  # the engine core starts in a spawned subprocess
@@ -164,22 +166,38 @@ if __name__ == "__main__":  # the engine core starts in a spawned subprocess
     prompts, greedy = [p.token_ids for p in w0.train[:8]], SamplingConfig(n=1, temperature=0.0, max_new_tokens=5)
     cfg = OmegaConf.structured(Config)
     cfg.rollout.vllm.enforce_eager = True
+    cfg.rollout.vllm.multiprocessing = True          # the GPU's process layout, on CPU
     engine = VLLMEngine(str(w0.model_dir), str(w0.tokenizer_dir), cfg=cfg)
     print(f"built in {engine.build_seconds:.1f} s")
     assert not engine.in_process
+    sent = []                                         # every RPC's pickled size: handles only
+    rpc = engine.llm.collective_rpc
+    engine.llm.collective_rpc = lambda m, args=(), **kw: (sent.append((m, len(pickle.dumps(args)))), rpc(m, args=args, **kw))[1]
+    before = [g[0].token_ids for g in engine.generate(prompts, greedy)]
     state = {k: v.detach().clone() for k, v in AutoModelForCausalLM.from_pretrained(w1.model_dir).state_dict().items()}
-    print(f"update_weights {engine.update_weights(state):.3f} s")
+    slot = SlotWriter(Path(sys.argv[1]) / "slots").write(1, state)     # as the learner publishes
+    print(f"load_slot {engine.load_slot(slot):.3f} s, {slot.nbytes} bytes")
     ours = [g[0].token_ids for g in engine.generate(prompts, greedy)]
     theirs = [g[0].token_ids for g in HFEngine(str(w1.model_dir), str(w1.tokenizer_dir)).generate(prompts, greedy)]
-    assert ours == theirs, (ours, theirs)
+    assert ours == theirs != before, (ours, theirs, before)
+    print(f"update_weights {engine.update_weights(state):.3f} s")   # a dict: staged through a private slot
+    assert [g[0].token_ids for g in engine.generate(prompts, greedy)] == theirs
+    assert sent and all(n < 64 * 1024 for _, n in sent), sent
+    try:
+        engine._rpc("reload_from_state", state)
+        raise SystemExit("a whole state went inline to the engine core")
+    except ValueError as e:
+        assert "inline" in str(e), e
+    print("RPCs", sent)
     print("OK")
 """
 
 
 @pytest.mark.slow
-def test_update_weights_with_engine_core_in_a_subprocess(tmp_path):
-    """VLLM_ENABLE_V1_MULTIPROCESSING=1: the state travels as safetensors bytes (slower start)."""
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1", "PYTHONPATH": str(REPO)}
+def test_weights_reach_an_engine_core_in_a_subprocess_by_path_only(tmp_path):
+    """rollout.vllm.multiprocessing=true (GPU's layout): a published slot and a plain state dict
+    both switch the policy, and no RPC to the engine core carries more than a handle."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
     script = tmp_path / "mp.py"
     script.write_text(MULTIPROCESS_SCRIPT)
     out = subprocess.run([sys.executable, str(script), str(tmp_path)], cwd=REPO, env=env,
