@@ -7,7 +7,6 @@ and pushes the step's metrics to the driver. The FSDP2 GPU path plugs in at `wra
 """
 from __future__ import annotations
 
-import copy
 import math
 import time
 from collections import Counter
@@ -20,7 +19,7 @@ from actors.weights import Publisher
 from pipeline.batching import is_stale, staleness
 from pipeline.lifecycle import eval_due
 from pipeline.grpo import LossConfig
-from pipeline.parallel import full_state_dict, resolve_strategy, wrap_model
+from pipeline.parallel import build_policy, build_reference, full_state_dict, resolve_strategy
 from pipeline.policy import collate, grpo_update, micro_batches, mini_batch_slices
 from pipeline.types import TrainBatch
 
@@ -46,7 +45,8 @@ class Learner:
                                    kl_coef=t.kl_coef, tis_cap=t.tis_cap or None, entropy_coef=t.entropy_coef,
                                    clip_ratio_c=t.clip_ratio_c)
         self.num_mini = t.batch_size // (t.mini_batch_size or t.batch_size)   # optimiser steps per batch
-        self.ref_model = copy.deepcopy(self.unwrapped()).eval() if t.kl_coef > 0 else None
+        # built before Saver.restore, so a resumed run keeps the KL to the initial policy
+        self.ref_model = build_reference(model, dtype=cfg.model.dtype) if t.kl_coef > 0 else None
         self.version = 0
 
     def unwrapped(self):
@@ -102,7 +102,6 @@ class Learner:
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point: the learner's side of the paper's loop."""
     from omegaconf import OmegaConf
-    from transformers import AutoModelForCausalLM
     import ray.train
     import ray.train.torch
 
@@ -112,10 +111,10 @@ def train_loop_per_worker(config: dict) -> None:
     torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
     torch.manual_seed(cfg.run.seed)
     # fp32 master weights; with model.dtype=bfloat16 FSDP2 computes in bf16 (see pipeline/parallel.py)
-    model = AutoModelForCausalLM.from_pretrained(config["model_dir"], dtype=torch.float32)
-    model = wrap_model(model, strategy=resolve_strategy(cfg.train.strategy, cfg.train.use_gpu),
-                       device=ray.train.torch.get_device(), dtype=cfg.model.dtype,
-                       gradient_checkpointing=cfg.train.gradient_checkpointing, world_size=world)
+    model = build_policy(config["model_dir"], rank=rank, world_size=world,
+                         strategy=resolve_strategy(cfg.train.strategy, cfg.train.use_gpu),
+                         device=ray.train.torch.get_device(), dtype=cfg.model.dtype,
+                         gradient_checkpointing=cfg.train.gradient_checkpointing)
     learner = Learner(cfg, model, rank=rank, world_size=world, pad_id=config["pad_id"])
     saver = Saver(cfg, config, learner, rank)
     saver.restore()

@@ -7,12 +7,16 @@ DDP's (or FSDP's) gradient averaging over W workers gives exactly the single-pro
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from functools import partial
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from pipeline.grpo import LossConfig, entropy_from_logits, group_advantages, policy_loss
-from pipeline.parallel import no_sync
+from pipeline.parallel import no_sync, unwrap
 from pipeline.types import ScoredGroup
+
+LOGIT_CHUNK = 2048   # token positions per lm_head call: (2048, 152k) fp32 logits are 1.2 GB
 
 
 @dataclass
@@ -98,8 +102,7 @@ def token_logprobs(model, input_ids: torch.Tensor, attn: torch.Tensor, temperatu
     The policy is the sampling distribution softmax(logits / T), as the engines' behaviour
     log-probs are: without the same T the importance ratio is off even fully on-policy.
     """
-    logits = model(input_ids=input_ids, attention_mask=attn).logits[:, :-1].float() / temperature  # (N, L-1, V)
-    return torch.gather(logits.log_softmax(-1), 2, input_ids[:, 1:, None]).squeeze(2)
+    return _logprobs_entropy(model, input_ids, attn, temperature, entropy=False)[0]
 
 
 def mini_batch_slices(n_rows: int, num_mini: int) -> list[slice]:
@@ -179,30 +182,67 @@ def _inputs(mb: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, torch.ones_like(ids)
 
 
-def _logprobs_entropy(model, input_ids, attn, temperature: float):
-    """log-probs of the targets and per-token entropy from one forward: (N, L-1) each."""
-    logits = model(input_ids=input_ids, attention_mask=attn).logits[:, :-1].float() / temperature  # (N, L-1, V)
-    logp = torch.gather(logits.log_softmax(-1), 2, input_ids[:, 1:, None]).squeeze(2)
-    return logp, entropy_from_logits(logits)
+def _logprobs_entropy(model, input_ids, attn, temperature: float, entropy: bool = True):
+    """log-probs of the targets and (if asked) per-token entropy from one forward: (N, L-1) each.
+
+    The full-vocabulary fp32 logits of a micro-batch, (N, L, V), would be 10 GB at 16k tokens
+    of Qwen's 152k vocabulary (and as much again for the log-softmax autograd keeps), so
+    lm_head runs on LOGIT_CHUNK positions at a time, each chunk under activation checkpointing:
+    autograd keeps a chunk's hidden rows (C, H) instead of its (C, V) fp32 log-softmax, and
+    backward rebuilds one chunk's logits at a time. The peak extra is a few (C, V) fp32 tensors.
+    """
+    N, T = input_ids.shape[0], input_ids.shape[1] - 1
+    hidden = _final_hidden(model, input_ids, attn)[:, :-1].reshape(N * T, -1)   # (N(L-1), H)
+    targets = input_ids[:, 1:].reshape(N * T)                                    # (N(L-1),)
+    score = partial(_chunk_scores, unwrap(model).lm_head, temperature, entropy)
+    keep = torch.is_grad_enabled() and hidden.requires_grad
+    parts = [checkpoint(score, hidden[i:i + LOGIT_CHUNK], targets[i:i + LOGIT_CHUNK], use_reentrant=False)
+             if keep else score(hidden[i:i + LOGIT_CHUNK], targets[i:i + LOGIT_CHUNK])
+             for i in range(0, N * T, LOGIT_CHUNK)]
+    logp = torch.cat([lp for lp, _ in parts]).view(N, T)
+    return logp, torch.cat([e for _, e in parts]).view(N, T) if entropy else None
+
+
+def _chunk_scores(head, temperature: float, entropy: bool, hidden: torch.Tensor, targets: torch.Tensor):
+    """(C, H) final hidden states -> log-prob of each target and entropy (or None), (C,) each."""
+    logits = head(hidden).float() / temperature                        # (C, V)
+    logp = torch.gather(logits.log_softmax(-1), 1, targets[:, None]).squeeze(1)
+    return logp, entropy_from_logits(logits) if entropy else None
+
+
+def _final_hidden(model, input_ids, attn) -> torch.Tensor:
+    """(N, L, H) final (normed) hidden states, from a forward of the whole model that skips lm_head.
+
+    It must be the root's forward: FSDP2 all-gathers the root group (embeddings, norm, lm_head)
+    in the root's pre-forward hook and keeps the root unsharded after it (torch/distributed/fsdp/
+    _fully_shard/_fsdp_state.py, _lazy_init), so lm_head can run on the chunks afterwards; the
+    root's gradients are reduce-scattered in the post-backward final callback. A slice as
+    logits_to_keep is used as is, so slice(0, 0) gives (N, 0, V) logits (transformers
+    models/qwen2/modeling_qwen2.py, Qwen2ForCausalLM.forward).
+    """
+    box = []
+    hook = unwrap(model).model.register_forward_hook(lambda _m, _args, out: box.append(out.last_hidden_state))
+    try:
+        model(input_ids=input_ids, attention_mask=attn, logits_to_keep=slice(0, 0))
+    finally:
+        hook.remove()
+    return box[0]
 
 
 def _micro_step(model, mb: Batch, cfg: LossConfig, old, global_norm, world_size, denom_of, ref_model,
                 temperature: float = 1.0) -> dict:
-    entropy = None
-    if cfg.entropy_coef > 0:   # the entropy needs the full logits; token_logprobs keeps them out
-        logp, entropy = _logprobs_entropy(model, *_inputs(mb), temperature)
-    else:
-        logp = token_logprobs(model, *_inputs(mb), temperature)
+    ids, attn = _inputs(mb)
+    logp, entropy = _logprobs_entropy(model, ids, attn, temperature, entropy=cfg.entropy_coef > 0)
+    ref_logp = None
+    if ref_model is not None:   # before the empty-batch return: under FSDP2 the reference all-gathers too
+        with torch.no_grad():
+            ref_logp = token_logprobs(ref_model, ids, attn, temperature)
     if len(mb) == 0:
         # this worker ran out of rows: a zero loss through a real forward still joins DDP's
         # all-reduce and FSDP's all-gathers / reduce-scatters, which every rank must call alike
         (logp.sum() * 0.0).backward()
         return {}
     old_logp = old if old is not None else logp.detach()
-    ref_logp = None
-    if ref_model is not None:
-        with torch.no_grad():
-            ref_logp = token_logprobs(ref_model, mb.input_ids, mb.attn, temperature)
     loss, m = policy_loss(logp, old_logp, mb.advantages, mb.mask, cfg, behaviour_logp=mb.behaviour,
                           ref_logp=ref_logp, entropy=entropy)
     # the loss is a mean over this micro-batch; rescale to sum / global count, times W for DDP's mean

@@ -6,6 +6,7 @@ import random
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
+from pipeline import policy
 from pipeline.grpo import LossConfig
 from pipeline.policy import collate, grpo_update, micro_batches, token_logprobs
 from pipeline.types import Prompt, RolloutGroup, Sample, ScoredGroup
@@ -140,3 +141,32 @@ def test_token_logprobs_use_the_sampling_temperature():
     expected = torch.gather((logits / 0.7).log_softmax(-1), 2, ids[:, 1:, None]).squeeze(2)
     assert torch.allclose(token_logprobs(model, ids, attn, 0.7), expected, atol=1e-6)
     assert not torch.allclose(token_logprobs(model, ids, attn), expected, atol=1e-3)
+
+
+def test_chunked_logprobs_and_entropy_equal_full_logits(monkeypatch):
+    """lm_head over a few positions at a time (checkpointed) gives the full-logits values and gradients."""
+    ids = torch.randint(0, VOCAB, (3, 7), generator=torch.Generator().manual_seed(0))
+    attn = torch.ones_like(ids)
+    attn[2, 5:] = 0
+
+    def run(naive: bool, tie: bool):
+        model = tiny_qwen(tie=tie)
+        if naive:   # the whole (N, L-1, V) fp32 logits at once
+            logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float() / 0.7
+            logp = torch.gather(logits.log_softmax(-1), 2, ids[:, 1:, None]).squeeze(2)
+            ent = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
+        else:       # 18 positions in chunks of 5: the last chunk is short
+            logp, ent = policy._logprobs_entropy(model, ids, attn, 0.7)
+        (logp.sin().sum() + ent.cos().sum()).backward()
+        return logp, ent, {n: p.grad for n, p in model.named_parameters()}
+
+    monkeypatch.setattr(policy, "LOGIT_CHUNK", 5)
+    for tie in (True, False):
+        (lp, ent, grads), (lp0, ent0, grads0) = run(False, tie), run(True, tie)
+        torch.testing.assert_close(lp, lp0, atol=1e-5, rtol=0)
+        torch.testing.assert_close(ent, ent0, atol=1e-5, rtol=0)
+        assert grads.keys() == grads0.keys()
+        for n in grads:
+            torch.testing.assert_close(grads[n], grads0[n], atol=1e-5, rtol=0, msg=n)
+        torch.testing.assert_close(policy.token_logprobs(tiny_qwen(tie=tie), ids, attn, 0.7), lp0.detach(),
+                                   atol=1e-5, rtol=0)
