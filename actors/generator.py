@@ -80,7 +80,7 @@ class Generator:
             if remote is None:
                 raise RuntimeError(f"weights v{slot.version} are in {slot.path} on node {slot.node[:8]}, "
                                    "not readable here, and no copy was put in the object store")
-            return views_of(ray.get(remote))[0]
+            return views_of(ray.get(remote[0]))[0]
         return ray.get(slot[0])
 
     def generate(self, req: Request) -> Rollouts:
@@ -141,8 +141,11 @@ class Generator:
 
     def pid(self) -> int:
         """The actor's process id (fault tests kill it from outside, as a crash would)."""
-        import os
         return os.getpid()
+
+    def env(self, name: str) -> str | None:
+        """An environment variable as this actor sees it (placement tests)."""
+        return os.environ.get(name)
 
     def evaluate(self, prompts: list[Prompt], max_new_tokens: int, weights=None, k: int = 0,
                  top_p: float | None = None) -> tuple[int, list[str]]:

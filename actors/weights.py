@@ -26,7 +26,8 @@ class WeightStore:
         self.nodes: set[str] = set()      # nodes generators asked from
 
     def publish(self, version: int, payload, remote=None, pin: bool = False) -> tuple:
-        """Store `payload` (a Slot, or a state dict for the object-store path) as `version`.
+        """Store `payload` (a Slot, or a state dict for the object-store path) as `version`;
+        `remote`: [ObjectRef] of the slot's bytes for generators on other nodes, or None.
 
         A state dict is re-put here so that the store owns it: it outlives the train worker
         that produced it (the final evaluation reads it after training ends).
@@ -85,7 +86,7 @@ class Publisher:
         if ray.get(self.store.other_nodes.remote(slot.node)):   # one copy into the object store for them
             import numpy as np
             mm = next(s["mm"] for s in self.writer.slots if s["path"] == slot.path)
-            remote = ray.put(np.frombuffer(mm, dtype=np.uint8))
+            remote = [ray.put(np.frombuffer(mm, dtype=np.uint8))]   # a list: Ray would resolve a bare ref
         return ray.get(self.store.publish.remote(version, slot, remote, pin))
 
     def _writer(self, nbytes: int):

@@ -18,6 +18,7 @@ from pathlib import Path
 import ray
 from omegaconf import OmegaConf
 from ray.util.queue import Queue
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from actors.generator import Generator
 from actors.learner import train_loop_per_worker
@@ -33,6 +34,8 @@ from pipeline.evaluate import evaluate_sets
 from pipeline.metrics import Progress
 from pipeline.sinks import open_sinks
 from pipeline.preflight import PreflightError, shortfall
+from pipeline import placement
+from pipeline.placement import Node, Plan
 from pipeline.transport import Slot
 from pipeline.world import World, load_world
 
@@ -139,22 +142,37 @@ def init_ray(cfg) -> bool:
     return True
 
 
-def generator_placement(cfg) -> dict:
-    """Actor options for one generator: plain resources, or a placement group when a vLLM
-    engine spans several GPUs (tensor parallel); vLLM's Ray executor then places its
-    workers in the group the actor was scheduled into."""
+def place(cfg) -> Plan:
+    """Nodes for the learner and each generator (pipeline/placement.py), from the live cluster."""
+    r, t = cfg.rollout, cfg.train
+    gen_gpus = r.vllm.tensor_parallel_size if r.vllm.tensor_parallel_size > 1 else r.num_gpus
+    nodes = [Node(n["NodeID"], n["Resources"].get("GPU", 0.0)) for n in ray.nodes() if n["Alive"]]
+    try:
+        out = placement.plan(nodes, generators=r.num_generators, gen_gpus=gen_gpus, workers=t.num_workers,
+                             worker_gpus=t.gpus_per_worker, use_gpu=t.use_gpu)
+    except ValueError as e:
+        raise PreflightError(str(e)) from None
+    if out.learner_node or any(out.generator_nodes):
+        log.info("placement: %s", out.why)
+    return out
+
+
+def generator_placement(cfg, node: str | None = None) -> dict:
+    """Actor options for one generator: its resources, pinned to `node` when the plan says, or a
+    placement group when a vLLM engine spans several GPUs (tensor parallel); vLLM's Ray executor
+    then places its workers in the group the actor was scheduled into."""
     r = cfg.rollout
     tp = r.vllm.tensor_parallel_size
-    if r.num_gpus == 0:   # CPU: an in-process vLLM engine starts in seconds instead of ~15 s
-        env = {"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_LOGGING_LEVEL": "ERROR"}}
-        return {"num_cpus": r.num_cpus, "num_gpus": 0, "runtime_env": env}
+    env = {"env_vars": {"VLLM_LOGGING_LEVEL": "ERROR", **placement.generator_env(r.num_gpus)}}
     if tp <= 1:
-        return {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus}
+        where = {"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=False)} if node else {}
+        return {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus, "runtime_env": env, **where}
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-    pg = placement_group([{"GPU": 1, "CPU": 1}] * tp, strategy="STRICT_PACK")
+    pg = placement_group([{"GPU": 1, "CPU": 1}] * tp, strategy="STRICT_PACK",
+                         bundle_label_selector=[{"ray.io/node-id": node}] * tp if node else None)
     ray.get(pg.ready(), timeout=600)
-    return {"num_cpus": 0, "num_gpus": 0, "scheduling_strategy": PlacementGroupSchedulingStrategy(
+    return {"num_cpus": 0, "num_gpus": 0, "runtime_env": env, "scheduling_strategy": PlacementGroupSchedulingStrategy(
         pg, placement_group_capture_child_tasks=True)}
 
 
@@ -197,11 +215,12 @@ class Pipeline:
             cfg, world.train, self.prompt_q)
         # max_restarts=-1: Ray restarts a dead generator (it reloads the newest weights from the
         # store); our DeathBudget decides when one has died too often
-        self.generators = [ray.remote(Generator).options(**generator_placement(cfg), max_concurrency=4,
+        self.plan = place(cfg)
+        self.generators = [ray.remote(Generator).options(**generator_placement(cfg, node), max_concurrency=4,
                                                           max_restarts=-1)
                            .remote(cfg, model_dir, world.tokenizer_dir, self.store, self.prompt_q,
                                    self.rollout_q, index=i, version=version, selector=self.selector)
-                           for i in range(r.num_generators)]
+                           for i, node in enumerate(self.plan.generator_nodes)]
         self.rewarder = ray.remote(Rewarder).options(num_cpus=cfg.reward.num_cpus, max_concurrency=4).remote(
             cfg, self.selector, self.rollout_q, self.train_q)
         if state:   # before any loop runs: lost work re-issued, carried groups waiting again
@@ -230,7 +249,9 @@ class Pipeline:
         return _trainer_class()(train_loop_per_worker, train_loop_config=config,
                             scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                                          resources_per_worker={"CPU": t.cpus_per_worker, **(
-                                                             {"GPU": t.gpus_per_worker} if t.use_gpu else {})}),
+                                                             {"GPU": t.gpus_per_worker} if t.use_gpu else {})},
+                                                         placement_strategy=self.plan.learner_strategy(),
+                                                         label_selector=self.plan.learner_label()),
                             run_config=run_config)
 
     def start(self) -> None:

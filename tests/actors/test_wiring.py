@@ -1,6 +1,9 @@
 """Real Ray: actors on real queues, weight publication and staleness accounting."""
 from __future__ import annotations
 
+import shutil
+
+import numpy as np
 import pytest
 import ray
 import torch
@@ -10,9 +13,11 @@ from transformers import AutoModelForCausalLM
 from actors.generator import Generator
 from actors.rewarder import Rewarder
 from actors.selector import PromptSelector
-from actors.weights import WeightStore
+from actors.weights import Publisher, WeightStore
 from pipeline.engines.base import SamplingConfig
 from pipeline.engines.hf import HFEngine
+from pipeline.driver import generator_placement
+from pipeline.transport import Slot
 from tests.actors.helpers import tiny_cfg
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -45,6 +50,58 @@ def test_generator_picks_up_published_weights(random_world):
     assert (v0, v1) == (0, 1) and after == expected and after != before
     with pytest.raises(ray.exceptions.RayTaskError, match="not newer"):
         ray.get(store.publish.remote(1, state))
+
+
+def _greedy_texts(world, state, prompts) -> list[str]:
+    local = HFEngine(str(world.model_dir), str(world.tokenizer_dir))
+    local.update_weights(state)
+    return [o[0].text for o in local.generate([p.token_ids for p in prompts],
+                                              SamplingConfig(temperature=0, max_new_tokens=5))]
+
+
+def test_weights_published_through_shared_memory_reach_the_generator(random_world, tmp_path):
+    """The learner's Publisher writes a slot; the generator maps it (same node) or, for a
+    generator on another node, stages the bytes the object store carried. Pinned versions
+    keep their slot while newer ones are written."""
+    cfg = tiny_cfg()
+    store = ray.remote(WeightStore).options(**FREE).remote()
+    gen = ray.remote(Generator).options(num_cpus=0.25, max_concurrency=2).remote(
+        cfg, str(random_world.model_dir), str(random_world.tokenizer_dir), store)
+    prompts = random_world.eval[:16]
+    publisher = Publisher(cfg, store, str(tmp_path))
+    try:
+        one = other_weights(random_world, seed=1)
+        weights = publisher.publish(1, one, pin=True)
+        assert isinstance(weights[1], Slot) and weights[2] is None      # nobody asked from another node
+        assert ray.get(gen.sync_weights.remote()) == 1
+        assert ray.get(gen.evaluate.remote(prompts, 5))[1] == _greedy_texts(random_world, one, prompts)
+        for v in (2, 3):                                                 # v1 is pinned: its slot stays
+            publisher.publish(v, other_weights(random_world, seed=v))
+        assert ray.get(gen.evaluate.remote(prompts, 5, weights))[1] == _greedy_texts(random_world, one, prompts)
+        ray.get(store.unpin.remote(1))
+        assert ray.get(store.pinned.remote()) == set()
+        # a generator on another node cannot map the file: it gets the bytes through the object store
+        four = other_weights(random_world, seed=4)
+        slot = publisher.writer.write(4, four)
+        far = Slot(4, slot.path, slot.nbytes, node="another-node")
+        ray.get(store.publish.remote(4, far, [ray.put(np.fromfile(far.path, dtype=np.uint8))]))
+        assert ray.get(gen.sync_weights.remote()) == 4
+        assert ray.get(gen.evaluate.remote(prompts, 5))[1] == _greedy_texts(random_world, four, prompts)
+    finally:
+        ray.kill(gen)
+        publisher.writer.close()
+        shutil.rmtree(publisher.writer.directory, ignore_errors=True)
+
+
+def test_a_generator_without_gpus_sees_none(random_world):
+    """rollout.num_gpus=0: CUDA_VISIBLE_DEVICES="" (Ray would leave the node's GPUs visible)."""
+    cfg = tiny_cfg("rollout.num_cpus=0.25")
+    gen = ray.remote(Generator).options(**generator_placement(cfg)).remote(
+        cfg, str(random_world.model_dir), str(random_world.tokenizer_dir), None)
+    try:
+        assert ray.get(gen.env.remote("CUDA_VISIBLE_DEVICES")) == ""
+    finally:
+        ray.kill(gen)
 
 
 @pytest.fixture
