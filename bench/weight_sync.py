@@ -2,6 +2,7 @@
 
     python -m bench.weight_sync                    # ~0.7 GB fp32 Qwen2-shaped model, HF engine
     python -m bench.weight_sync --layers 6 --rounds 3 --engine vllm --multiprocessing
+    python -m bench.weight_sync --shape qwen2.5-1.5b --engine vllm --multiprocessing --dtype bfloat16   # on a GPU
 
 Side by side in one run, with real Ray actors (a WeightStore and a Generator) and the
 learner's own `Publisher`:
@@ -25,12 +26,19 @@ from pathlib import Path
 import torch
 
 
-def build_model(root: Path, layers: int, hidden: int, vocab: int) -> tuple[Path, Path, dict]:
+SHAPES = {  # Qwen2.5-1.5B's published config (hidden, layers, heads, kv heads, intermediate, vocab)
+    "qwen2.5-1.5b": dict(hidden=1536, layers=28, heads=12, kv_heads=2, intermediate=8960, vocab=151936),
+}
+
+
+def build_model(root: Path, layers: int, hidden: int, vocab: int, heads: int = 0, kv_heads: int = 0,
+                intermediate: int = 0) -> tuple[Path, Path, dict]:
     """A random Qwen2-shaped model saved for the generator to load, and its state dict."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
     from pipeline.tiny import make_random_world
-    config = Qwen2Config(hidden_size=hidden, intermediate_size=hidden * 11 // 4, num_hidden_layers=layers,
-                         num_attention_heads=hidden // 64, num_key_value_heads=max(1, hidden // 256),
+    config = Qwen2Config(hidden_size=hidden, intermediate_size=intermediate or hidden * 11 // 4,
+                         num_hidden_layers=layers, num_attention_heads=heads or hidden // 64,
+                         num_key_value_heads=kv_heads or max(1, hidden // 256),
                          vocab_size=vocab, tie_word_embeddings=True, max_position_embeddings=256)
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(config)
@@ -82,6 +90,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--shape", choices=sorted(SHAPES), help="a real model's shape (overrides the sizes above)")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="the engine's dtype")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--engine", choices=("hf", "vllm"), default="hf")
     ap.add_argument("--multiprocessing", action="store_true", help="vLLM engine core in a subprocess (as on GPU)")
@@ -94,11 +104,17 @@ def main(argv: list[str] | None = None) -> None:
     cfg.rollout.engine, cfg.rollout.num_cpus = args.engine, 1
     cfg.rollout.vllm.enforce_eager, cfg.rollout.vllm.max_model_len = True, 256
     cfg.rollout.vllm.multiprocessing = args.multiprocessing or None
+    cfg.model.dtype = args.dtype
+    shape = SHAPES[args.shape] if args.shape else dict(hidden=args.hidden, layers=args.layers, vocab=args.vocab)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        model_dir, tokenizer, state = build_model(root, args.layers, args.hidden, args.vocab)
-        gb = sum(t.numel() * t.element_size() for t in state.values()) / 1e9
-        print(f"model: {args.layers} layers x {args.hidden}, {gb:.2f} GB of fp32 weights; engine {args.engine}"
+        model_dir, tokenizer, state = build_model(root, **shape)
+        # bytes as they travel: the slot holds model.dtype; the floor copies the same number of bytes
+        gb = sum(t.numel() for t in state.values()) * torch.empty((), dtype=getattr(torch, args.dtype)).element_size() / 1e9
+        if args.dtype != "float32":
+            state = {k: v.to(getattr(torch, args.dtype)) for k, v in state.items()}
+        print(f"model: {shape['layers']} layers x {shape['hidden']}, {gb:.2f} GB of {args.dtype} weights; "
+              f"engine {args.engine}"
               f"{' (engine core in a subprocess)' if args.multiprocessing else ''}; {args.rounds} rounds each")
         ray.init(num_cpus=2, include_dashboard=False,
                  runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}})

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import mmap
+import os
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -128,8 +129,13 @@ class SlotWriter:
         size = 8 + len(header) + data
         path = self.directory / f"slot{len(self.slots)}.safetensors"
         with open(path, "wb+") as f:
-            f.truncate(size)
-            # MAP_POPULATE allocates and maps every page now, once, instead of a fault per 4 KiB later
+            try:   # reserve the pages now: a full tmpfs would otherwise SIGBUS the first write into the map
+                os.posix_fallocate(f.fileno(), 0, size)
+            except OSError as e:
+                path.unlink(missing_ok=True)
+                raise OSError(f"no room for weight slot {path} ({size / 1e9:.1f} GB; {e.strerror}): free space "
+                              f"in {self.directory} or set rollout.weight_sync=object_store") from None
+            # MAP_POPULATE maps every page now, once, instead of a fault per 4 KiB later
             mm = mmap.mmap(f.fileno(), size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
         mm[:8] = len(header).to_bytes(8, "little")
         mm[8:8 + len(header)] = header

@@ -76,3 +76,9 @@ def test_slots_go_to_disk_when_shared_memory_is_too_small(tmp_path):
 def test_transport_imports_no_ray():
     code = "import sys, pipeline.transport; assert 'ray' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_slot_that_does_not_fit_fails_in_one_line_instead_of_a_sigbus_later(tmp_path):
+    with pytest.raises(OSError, match="no room for weight slot .*rollout.weight_sync=object_store"):
+        SlotWriter(tmp_path)._new_slot(b"{}      ", 1 << 52)     # 4 PB
+    assert not list(tmp_path.iterdir())
