@@ -39,7 +39,7 @@ class Generator:
 
     def sync_weights(self, min_version: int = 0) -> int:
         """Load the newest published weights if they are newer than ours."""
-        for _ in range(3):   # a slot rewritten while we read it: the store has a newer one
+        for attempt in range(3):   # a slot rewritten while we read it: the store has a newer one
             version, *payload = ray.get(self.store.latest.remote(self.node))
             if version <= self.version:
                 break
@@ -47,7 +47,8 @@ class Generator:
                 self._load(version, payload)
                 break
             except TornRead:
-                continue
+                if attempt == 2:   # the engine may hold a torn mix: never generate with it
+                    raise RuntimeError(f"weights v{version} were rewritten under every read (3 tries)") from None
         if self.version < min_version:
             raise RuntimeError(f"request needs policy v{min_version}, store has v{version}")
         return self.version

@@ -3,7 +3,8 @@
 Each worker loads the policy, takes its shard of every batch (groups[rank::W]), runs the
 GRPO update from pipeline.policy (DDP over gloo on CPU), and rank 0 publishes the new
 weights (version = steps done) to the WeightStore, settles the ledger with the selector
-and pushes the step's metrics to the driver. The FSDP2 GPU path plugs in at `wrap_model`.
+and pushes the step's metrics to the driver. The model comes from `build_policy` (FSDP2 on GPU,
+rank 0 loading for the others), the KL reference from `build_reference` (pipeline/parallel.py).
 """
 from __future__ import annotations
 
