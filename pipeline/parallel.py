@@ -84,10 +84,12 @@ def wrap_model(model: torch.nn.Module, *, strategy: str, device: torch.device, d
     if device.type == "cuda":  # NCCL collectives and init_device_mesh use the current device
         torch.cuda.set_device(device)
     grouped = dist.is_available() and dist.is_initialized()
-    if strategy == "fsdp" and grouped:
-        # with one worker too: FSDP2's MixedPrecisionPolicy is the bf16 compute over fp32 master
-        # weights, and Ray Train makes a process group even for one worker (ray/train/torch/config.py,
-        # _TorchBackend.on_start)
+    if strategy == "fsdp" and grouped and (world_size > 1 or dtype == "bfloat16"):
+        # with one bf16 worker too: FSDP2's MixedPrecisionPolicy is the bf16 compute over fp32
+        # master weights, and Ray Train makes a process group even for one worker
+        # (ray/train/torch/config.py, _TorchBackend.on_start). One fp32 worker stays a plain
+        # model: nothing to gain, and a group left by someone else (an in-process vLLM engine
+        # makes one) must not turn it into DTensors.
         return _fully_shard(model, init_device_mesh(device.type, (dist.get_world_size(),)), dtype)
     if dtype == "bfloat16" and device.type == "cuda":
         # rather than a second bf16 path (autocast, with other numerics to test): the only callers
