@@ -61,6 +61,22 @@ class WeightReloader:
         return True
 
 
+def _private_slot_dir() -> Path:
+    """greso-engine-<pid> in shared memory, removed at exit; a killed process (ray.kill skips
+    atexit) leaves one behind, so the dirs of processes that no longer exist go first."""
+    import atexit
+    import shutil
+    import tempfile
+    root = SHM if SHM.is_dir() else Path(tempfile.gettempdir())
+    for old in root.glob("greso-engine-*"):
+        pid = old.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(old, ignore_errors=True)
+    where = root / f"greso-engine-{os.getpid()}"
+    atexit.register(shutil.rmtree, where, True)
+    return where
+
+
 def _items(state: dict) -> Iterator[tuple]:
     for name, tensor in state.items():
         yield name, tensor.detach()
@@ -176,13 +192,8 @@ class VLLMEngine:
         """
         if self.in_process:
             return self._timed(lambda: self._rpc("reload_from_state", _tie(state, self.tied)))
-        if self.staging is None:   # a private slot directory, removed when this process exits
-            import atexit
-            import shutil
-            import tempfile
-            where = tempfile.mkdtemp(prefix="greso-engine-", dir=SHM if SHM.is_dir() else None)
-            atexit.register(shutil.rmtree, where, True)
-            self.staging = SlotWriter(Path(where))
+        if self.staging is None:
+            self.staging = SlotWriter(_private_slot_dir())
         version = max((s["version"] for s in self.staging.slots), default=0) + 1
         return self.load_slot(self.staging.write(version, state))
 
