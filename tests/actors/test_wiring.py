@@ -43,11 +43,11 @@ def test_generator_picks_up_published_weights(random_world):
     ray.get(store.publish.remote(1, state))
     assert ray.get(gen.sync_weights.remote()) == 1
     v1, after = ray.get(gen.evaluate.remote(prompts, 5))
-    local = HFEngine(str(random_world.model_dir), str(random_world.tokenizer_dir))
-    local.update_weights(state)
-    expected = [o[0].text for o in local.generate([p.token_ids for p in prompts], SamplingConfig(temperature=0,
-                                                                                                max_new_tokens=5))]
-    assert (v0, v1) == (0, 1) and after == expected and after != before
+    initial = _greedy_texts(random_world, {}, prompts)
+    expected = _greedy_texts(random_world, state, prompts)
+    assert (v0, v1) == (0, 1) and before == initial and after == expected
+    # two random models can both answer "=====" to every prompt (seen once): then there is nothing to tell apart
+    assert after != before or expected == initial
     with pytest.raises(ray.exceptions.RayTaskError, match="not newer"):
         ray.get(store.publish.remote(1, state))
 
