@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             ray.shutdown()
         seconds["memcpy"] = statistics.median(memcpy_seconds(state) for _ in range(args.rounds))
-    print(f"\n| transport | s per GB | GB/s |\n| --- | --- | --- |")
+    print("\n| transport | s per GB | GB/s |\n| --- | --- | --- |")
     for name, s in seconds.items():
         print(f"| {name} | {s / gb:.3f} | {gb / s:.2f} |")
     print(f"transport vs object store: x{seconds['object_store'] / seconds['shm']:.2f} faster, "
