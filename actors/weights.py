@@ -11,10 +11,6 @@ from __future__ import annotations
 
 from collections import Counter
 
-import torch
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 class WeightStore:
     """The newest (version, payload, remote bytes) and the versions evaluations still need."""
@@ -71,8 +67,9 @@ class Publisher:
     """
 
     def __init__(self, cfg, store, run_dir: str):
+        import torch
         self.cfg, self.store, self.run_dir, self.writer = cfg, store, run_dir, None
-        self.dtype = DTYPES[cfg.model.dtype]
+        self.dtype = getattr(torch, cfg.model.dtype)   # float32 | bfloat16 (config.py checks), as save_policy casts
 
     def publish(self, version: int, state: dict, pin: bool = False) -> tuple:
         import ray
@@ -85,8 +82,7 @@ class Publisher:
         remote = None
         if ray.get(self.store.other_nodes.remote(slot.node)):   # one copy into the object store for them
             import numpy as np
-            mm = next(s["mm"] for s in self.writer.slots if s["path"] == slot.path)
-            remote = [ray.put(np.frombuffer(mm, dtype=np.uint8))]   # a list: Ray would resolve a bare ref
+            remote = [ray.put(np.frombuffer(self.writer.buffer(slot), dtype=np.uint8))]   # a list: Ray would resolve a bare ref
         return ray.get(self.store.publish.remote(version, slot, remote, pin))
 
     def _writer(self, nbytes: int):

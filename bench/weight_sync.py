@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     import ray
     from omegaconf import OmegaConf
     from pipeline.config import Config
+    from pipeline.transport import state_bytes
     torch.set_num_threads(1)
     cfg = OmegaConf.structured(Config)
     cfg.rollout.engine, cfg.rollout.num_cpus = args.engine, 1
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
         root = Path(tmp)
         model_dir, tokenizer, state = build_model(root, **shape)
         # bytes as they travel: the slot holds model.dtype; the floor copies the same number of bytes
-        gb = sum(t.numel() for t in state.values()) * torch.empty((), dtype=getattr(torch, args.dtype)).element_size() / 1e9
+        gb = state_bytes(state, getattr(torch, args.dtype)) / 1e9
         if args.dtype != "float32":
             state = {k: v.to(getattr(torch, args.dtype)) for k, v in state.items()}
         print(f"model: {shape['layers']} layers x {shape['hidden']}, {gb:.2f} GB of {args.dtype} weights; "

@@ -76,6 +76,14 @@ def _stamp(version: int | None) -> bytes:
     return (_WRITING if version is None else f"{version:012d}").encode()
 
 
+_VERSION_KEY = b'"version":"'
+
+
+def _stamp_offset(header: bytes) -> int:
+    """Where the 12-character version field starts in the file (header after the 8-byte length)."""
+    return 8 + header.index(_VERSION_KEY) + len(_VERSION_KEY)
+
+
 def _layout(state: dict[str, torch.Tensor], dtype) -> tuple[bytes, list[tuple[torch.dtype, int, int]], int]:
     """(header, per tensor (dtype, start, end) in the data section, data bytes). The header is
     a safetensors header whose metadata holds a fixed-width version field."""
@@ -139,14 +147,17 @@ class SlotWriter:
             mm = mmap.mmap(f.fileno(), size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
         mm[:8] = len(header).to_bytes(8, "little")
         mm[8:8 + len(header)] = header
-        stamp = 8 + header.index(_WRITING.encode())
-        slot = {"path": str(path), "mm": mm, "header": header, "stamp": stamp, "version": -1}
+        slot = {"path": str(path), "mm": mm, "header": header, "stamp": _stamp_offset(header), "version": -1}
         self.slots.append(slot)
         return slot
 
     def _stamp(self, slot: dict, version: int | None) -> None:
         slot["mm"][slot["stamp"]:slot["stamp"] + 12] = _stamp(version)
         slot["version"] = -1 if version is None else version
+
+    def buffer(self, slot: Slot) -> mmap.mmap:
+        """The mapped bytes of a slot this writer wrote (to put them in the object store)."""
+        return next(s["mm"] for s in self.slots if s["path"] == slot.path)
 
     def close(self) -> None:
         for s in self.slots:
@@ -210,5 +221,4 @@ def views_of(buffer) -> tuple[dict[str, torch.Tensor], int]:
             t = (torch.frombuffer(buffer, dtype=dtype, count=count, offset=base + start) if count
                  else torch.empty(0, dtype=dtype))
             out[name] = t.view(h["shape"])
-    stamp = raw.find(b'"version":"')
-    return out, (8 + stamp + len(b'"version":"')) if stamp >= 0 else -1
+    return out, _stamp_offset(raw)
