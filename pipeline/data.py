@@ -7,6 +7,9 @@ Three sources, one row parser:
   (or a `solution` ending in \\boxed{...}), e.g. MATH-500, AIME 2024, Gaokao;
 - anything else is a Hugging Face dataset name, loaded with `datasets` if installed.
 
+An answer may be a list (OlympiadBench's `final_answer`): one item is the answer, several
+are joined with ", ", which math-verify compares as a tuple/set.
+
 Every problem gets a stable uid "<source-stem>:<index>" (verl's `extra_info.index`, else
 the row number), because GRESO keys its per-prompt reward history on it. Rows without a
 prompt or an answer are skipped and counted, never silently lost.
@@ -134,7 +137,7 @@ def _why_no_rows(stats: dict, columns: set[str], prompt_key: str | None, answer_
     wants = {"skipped_no_prompt": f"no prompt (looked for {prompt_key or ' / '.join(PROMPT_KEYS)})",
              "skipped_bad_prompt": "a prompt that is not text or chat messages with text content",
              "skipped_no_answer": f"no answer (looked for {answer_key or 'reward_model.ground_truth / answer / solution'})",
-             "skipped_bad_answer": "an answer that is not a string or a number (a list, dict or boolean)"}
+             "skipped_bad_answer": "an answer that is not a string, a number or a list of them (a dict, boolean, [])"}
     parts = [f"{stats[k]} had {why}" for k, why in wants.items() if stats[k]]
     return f"no usable row: of {stats['rows']} rows, {', '.join(parts)}; columns found: {found}"
 
@@ -251,16 +254,27 @@ def _parse_record(record: dict, i: int, stem: str, prompt_key: str | None,
     raw = _answer(record, answer_key)
     if raw is None or isinstance(raw, str) and not raw.strip():
         return "skipped_no_answer"
-    if isinstance(raw, bool) or not isinstance(raw, (str, numbers.Real)) or \
-            isinstance(raw, float) and not math.isfinite(raw):
-        return "skipped_bad_answer"   # str() would make [1, 2] / {'x': 1} / False a "reference answer"
-    answer = clean_answer(raw)
+    if isinstance(raw, (list, tuple)):   # OlympiadBench: ["$3$", "$5$"] -> "3, 5"
+        items = [clean_answer(x) for x in raw if _is_scalar(x)]
+        if not items or len(items) < len(raw) or not all(items):   # a blank item would leave "3, "
+            return "skipped_bad_answer"
+        answer = ", ".join(items)
+    elif _is_scalar(raw):
+        answer = clean_answer(raw)
+    else:
+        return "skipped_bad_answer"   # str() would make {'x': 1} / False a "reference answer"
     if not answer:
         return "skipped_no_answer"
     extra = record.get("extra_info")
     index = extra.get("index") if isinstance(extra, dict) else None
     return Row(uid=f"{stem}:{i if index is None else index}", messages=messages,
                ground_truth=answer)
+
+
+def _is_scalar(value: Any) -> bool:
+    """A string or a finite number; bool is an int to Python but never an answer."""
+    return not isinstance(value, bool) and isinstance(value, (str, numbers.Real)) and \
+        not (isinstance(value, float) and not math.isfinite(value))
 
 
 def _messages(record: dict, prompt_key: str | None, instruction: str) -> list[dict] | str:

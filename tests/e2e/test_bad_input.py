@@ -36,13 +36,13 @@ def test_more_generators_than_cpus_refuses_before_ray(tmp_path):
 
 def test_bad_training_data_refuses_before_ray(random_world, tmp_path):
     data = tmp_path / "train.jsonl"
-    data.write_text(json.dumps({"problem": "1+1", "answer": [2]}) + "\n")
+    data.write_text(json.dumps({"problem": "1+1", "answer": []}) + "\n")
     rc, ray_started, err = main_in_fresh_process(
         f"model.path={random_world.model_dir}", f"data.train={data}", "reward.kind=math",
         f"eval.sets=[{{name: own, path: {data}}}]", f"run.dir={tmp_path}/run")
     assert (rc, ray_started) == (2, False)
-    assert err[-1] == (f"error: data.train: {data}: no usable row: of 1 rows, 1 had an answer that is not a string "
-                       "or a number (a list, dict or boolean); columns found: answer, problem")
+    assert err[-1] == (f"error: data.train: {data}: no usable row: of 1 rows, 1 had an answer that is not a string"
+                       ", a number or a list of them (a dict, boolean, []); columns found: answer, problem")
     assert not any("Traceback" in line for line in err)
 
 

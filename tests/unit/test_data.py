@@ -254,18 +254,35 @@ def test_only_empty_answers_is_one_line_not_an_actor_traceback(tmp_path):
         load_rows(source)
 
 
-def test_lists_dicts_and_booleans_are_not_answers(tmp_path):
+def test_dicts_booleans_and_odd_lists_are_not_answers(tmp_path):
     source = write_jsonl(tmp_path / "types.jsonl", [
-        {"problem": "list", "answer": [1, 2]}, {"problem": "dict", "answer": {"x": 1}},
+        {"problem": "empty list", "answer": []}, {"problem": "dict", "answer": {"x": 1}},
         {"problem": "bool", "answer": False}, {"problem": "int", "answer": 204},
         {"problem": "float", "answer": 0.5}, {"problem": "verl list", "reward_model": {"ground_truth": ["1"]}},
+        {"problem": "list of a dict", "answer": ["1", {"x": 2}]}, {"problem": "list of a bool", "answer": [True]},
+        {"problem": "blank item", "answer": ["3", " $ $ "]},
     ])
     rows, stats = load_rows(source)
-    assert [(r.uid, r.ground_truth) for r in rows] == [("types:3", "204"), ("types:4", "0.5")]
-    assert stats["skipped_bad_answer"] == 4
+    assert [(r.uid, r.ground_truth) for r in rows] == [("types:3", "204"), ("types:4", "0.5"), ("types:5", "1")]
+    assert stats["skipped_bad_answer"] == 6
     only_bad = write_jsonl(tmp_path / "bad.jsonl", [{"problem": "a", "answer": True}])
-    with pytest.raises(DataError, match="1 had an answer that is not a string or a number"):
+    with pytest.raises(DataError, match="1 had an answer that is not a string, a number or a list of them"):
         load_rows(only_bad)
+
+
+def test_olympiadbench_list_answers_load(tmp_path):
+    """Its `final_answer` is a list: one item is the answer, several are joined for math-verify."""
+    source = write_jsonl(tmp_path / "olympiad.jsonl", [
+        {"id": 1, "question": "Half of one?", "final_answer": ["$\\frac{1}{2}$"]},
+        {"id": 2, "question": "Both roots?", "final_answer": ["$3$", "$5$"]},
+        {"id": 3, "question": "No answer given", "final_answer": []},
+        {"id": 4, "question": "A number", "final_answer": [12]},
+    ])
+    rows, stats = load_rows(source, prompt_key="question", answer_key="final_answer")
+    assert [(r.uid, r.ground_truth) for r in rows] == [
+        ("olympiad:0", "\\frac{1}{2}"), ("olympiad:1", "3, 5"), ("olympiad:3", "12")]
+    assert stats["skipped_bad_answer"] == 1 and stats["kept"] == 3
+    assert rows[0].messages[0]["content"] == "Half of one? " + DEFAULT_INSTRUCTION
 
 
 def test_prompts_that_are_not_text_are_skipped_and_counted(tmp_path):

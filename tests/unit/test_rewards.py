@@ -55,6 +55,9 @@ def test_extract_boxed(text, expected):
     ("", "5", 0.0),
     (r"\boxed{5}", "", 0.0),                    # no gold, no reward
     ("The answer is 42.", "42", 1.0),           # no box: math-verify reads the whole tail
+    (r"\boxed{3, 5}", "3, 5", 1.0),             # OlympiadBench ["$3$", "$5$"], as pipeline.data joins it
+    (r"\boxed{5, 3}", "3, 5", 1.0),             # compared as a set: order does not matter
+    (r"\boxed{3}", "3, 5", 0.0),                # half an answer is wrong
 ])
 def test_score(grader, response, truth, expected):
     assert grader.score(response, truth) == expected

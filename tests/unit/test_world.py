@@ -53,7 +53,7 @@ def test_skipped_rows_are_counted_on_the_world(random_world, tmp_path):
     from pipeline.world import load_world
     data = tmp_path / "mix.jsonl"
     data.write_text('{"problem": "1+1", "answer": "2"}\n{"problem": "no answer"}\n'
-                    '{"problem": "list", "answer": [1]}\n{"problem": "bad \\ud800", "answer": "3"}\n')
+                    '{"problem": "list", "answer": []}\n{"problem": "bad \\ud800", "answer": "3"}\n')
     world = load_world(real_cfg(random_world.model_dir, data))
     assert [p.uid for p in world.train] == ["mix:0"]
     assert {k: v for k, v in world.skipped.items() if v} == {
