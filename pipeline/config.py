@@ -187,6 +187,9 @@ class EvalSet:
     name: str = ""                     # metric prefix eval/<name>/...; letters, digits, _ . -
     path: str = ""                     # jsonl/parquet path or HF dataset name; "tiny" = the tiny held-out split
     split: str = "test"                # HF dataset split (files have none)
+    subset: Optional[str] = None       # HF dataset config/subset, e.g. OE_TO_maths_en_COMP (files have none)
+    prompt_key: Optional[str] = None   # problem column; None = the first of prompt / problem / question
+    answer_key: Optional[str] = None   # answer column, e.g. final_answer; None = reward_model.ground_truth / answer / solution
     limit: Optional[int] = None        # evaluate on at most this many prompts (None = all)
     avg_k: int = 1                     # 1 = greedy only; k > 1 also logs avg@k of k samples at rollout.temperature
     top_p: Optional[float] = None      # nucleus mass of the avg@k samples (the authors' 0.7); None = rollout.top_p

@@ -5,7 +5,8 @@ Three sources, one row parser:
   `extra_info.index`), e.g. DAPO-Math-17k;
 - `*.jsonl` / `*.json` with a problem field (`problem` or `question`) and an `answer`
   (or a `solution` ending in \\boxed{...}), e.g. MATH-500, AIME 2024, Gaokao;
-- anything else is a Hugging Face dataset name, loaded with `datasets` if installed.
+- anything else is a Hugging Face dataset name (and optional config/subset), loaded with
+  `datasets` if installed.
 
 An answer may be a list (OlympiadBench's `final_answer`): one item is the answer, several
 are joined with ", ", which math-verify compares as a tuple/set.
@@ -55,15 +56,16 @@ class Row:
 # ---------------------------------------------------------------------------- loading
 
 def load_rows(source: str, *, prompt_key: str | None = None, answer_key: str | None = None,
-              split: str = "train", instruction: str = DEFAULT_INSTRUCTION,
+              split: str = "train", subset: str | None = None, instruction: str = DEFAULT_INSTRUCTION,
               limit: int | None = None) -> tuple[list[Row], dict]:
     """Read problems from a parquet/jsonl/json path or a HF dataset name.
 
+    `split` and `subset` (the HF config name) apply to hub datasets only; files have neither.
     `limit` caps the number of rows kept. The instruction is appended to plain-text
     problems only; verl-layout chat prompts already carry their own. A source that
     cannot be read, or that yields no usable row, raises DataError (one line).
     """
-    stem, records = _open_source(source, split)
+    stem, records = _open_source(source, split, subset)
     rows: list[Row] = []
     stats = {"rows": 0, "kept": 0, **{k: 0 for k in ROW_SKIPS}}
     seen: dict[str, int] = {}
@@ -148,7 +150,7 @@ def _looks_like_path(source: str) -> bool:
             or source.count("/") > 1 or (os.sep != "/" and os.sep in source))
 
 
-def _open_source(source: str, split: str) -> tuple[str, Iterator[dict]]:
+def _open_source(source: str, split: str, subset: str | None) -> tuple[str, Iterator[dict]]:
     """Return (uid stem, iterator of raw records) for a path or a hub name."""
     path = Path(source).expanduser()
     if path.is_file():
@@ -160,7 +162,7 @@ def _open_source(source: str, split: str) -> tuple[str, Iterator[dict]]:
     if not path.exists() and _looks_like_path(source):
         raise DataError(f"data file not found: {source}")
     # A hub name ("owner/name") or a local dataset directory: let `datasets` read it.
-    return source.rstrip("/").split("/")[-1], _read_hf(source, split)
+    return source.rstrip("/").split("/")[-1], _read_hf(source, split, subset)
 
 
 def _read_parquet(path: Path) -> Iterator[dict]:
@@ -223,16 +225,17 @@ def _read_utf8(path: Path) -> str:
                         "as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
 
 
-def _read_hf(source: str, split: str) -> Iterator[dict]:
+def _read_hf(source: str, split: str, subset: str | None) -> Iterator[dict]:
     # Resolved eagerly (not inside the generator) so a bad name fails at load_rows().
     try:
         import datasets
-        dataset = datasets.load_dataset(source, split=split)
+        dataset = datasets.load_dataset(source, subset, split=split)
     except Exception as e:   # ImportError, hub unreachable, unknown name, bad split ...
         reason = ("the `datasets` package is not installed (pip install datasets)"
                   if isinstance(e, ImportError) else f"{type(e).__name__}: {_first_line(e)}")
+        where = f"split={split!r}" + (f", subset={subset!r}" if subset else "")
         raise DataError(f"{source!r} is not an existing path, and loading it as a Hugging "
-                        f"Face dataset (split={split!r}) failed: {reason}") from e
+                        f"Face dataset ({where}) failed: {reason}") from e
     return iter(dataset)
 
 
@@ -380,13 +383,15 @@ def _encode_one(text: str, tokenizer: Any, add_special_tokens: bool) -> tuple[st
         return None
 
 
-def load_prompts(source, tokenizer: Any, *, key: str, split: str = "train", limit: int | None = None,
+def load_prompts(source, tokenizer: Any, *, key: str, split: str = "train", subset: str | None = None,
+                 prompt_key: str | None = None, answer_key: str | None = None, limit: int | None = None,
                  max_prompt_tokens: int | None = None, skipped: dict | None = None,
                  prefix: str = "data/") -> list[Prompt]:
     """load_rows + tokenize_rows for the config key `key`; adds every skip count to `skipped` as
     <prefix>skipped_<reason>; a source that leaves no prompt is a DataError naming the key."""
     try:   # one source, or a list of them (data.train: DAPO-Math-17k + MATH train)
-        rows, stats = load_sources(source, split=split, limit=limit)
+        rows, stats = load_sources(source, split=split, subset=subset, prompt_key=prompt_key,
+                                   answer_key=answer_key, limit=limit)
     except DataError as e:
         raise DataError(f"{key}: {e}") from None
     prompts, tstats = tokenize_rows(rows, tokenizer, max_prompt_tokens=max_prompt_tokens)

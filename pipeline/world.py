@@ -71,7 +71,8 @@ def load_eval_sets(cfg, tokenizer, tiny_heldout: list[Prompt] | None = None,
         if s.path == "tiny":
             prompts = tiny_heldout[:s.limit] if s.limit else tiny_heldout
         else:   # an empty set would log accuracy 0.0 forever: load_prompts refuses it
-            prompts = load_prompts(s.path, tokenizer, key=f"eval.sets.{i}.path", split=s.split, limit=s.limit,
+            prompts = load_prompts(s.path, tokenizer, key=f"eval.sets.{i}.path", split=s.split, subset=s.subset,
+                                   prompt_key=s.prompt_key, answer_key=s.answer_key, limit=s.limit,
                                    max_prompt_tokens=cfg.data.max_prompt_tokens,
                                    skipped={} if skipped is None else skipped, prefix=f"data/{s.name}/")
         top_p = cfg.rollout.top_p if s.get("top_p") is None else s.top_p

@@ -285,6 +285,42 @@ def test_olympiadbench_list_answers_load(tmp_path):
     assert rows[0].messages[0]["content"] == "Half of one? " + DEFAULT_INSTRUCTION
 
 
+@pytest.fixture
+def hub_calls(monkeypatch) -> list:
+    """The hub is unreachable here: record what `datasets.load_dataset` is asked for, serve two rows."""
+    datasets = pytest.importorskip("datasets")
+    calls = []
+
+    def load_dataset(path, name=None, **kw):
+        calls.append((path, name, kw))
+        return [{"question": "1+1?", "final_answer": ["$2$"]}, {"question": "2+2?", "final_answer": ["4"]}]
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    return calls
+
+
+def test_subset_and_split_reach_datasets_load_dataset(hub_calls):
+    rows, _ = load_rows("Hothan/OlympiadBench", subset="OE_TO_maths_en_COMP", split="train",
+                        prompt_key="question", answer_key="final_answer")
+    assert hub_calls == [("Hothan/OlympiadBench", "OE_TO_maths_en_COMP", {"split": "train"})]
+    assert [(r.uid, r.ground_truth) for r in rows] == [("OlympiadBench:0", "2"), ("OlympiadBench:1", "4")]
+    load_rows("some/set", split="test", answer_key="final_answer")   # no subset: the dataset's default config
+    assert hub_calls[1] == ("some/set", None, {"split": "test"})
+
+
+def test_eval_set_subset_and_keys_pass_from_config_to_datasets(hub_calls):
+    from pipeline.config import load_config
+    from pipeline.world import load_eval_sets
+    item = ("{name: olympiadbench, path: Hothan/OlympiadBench, subset: OE_TO_maths_en_COMP, split: train, "
+            "prompt_key: question, answer_key: final_answer}")
+    cfg = load_config(["model.path=Qwen/Qwen2.5-Math-1.5B", "data.train=some/hub-set", "reward.kind=math",
+                       f"eval.sets=[{item}]"])
+    (olympiad,) = load_eval_sets(cfg, tiny_tokenizer(TEMPLATE))
+    assert hub_calls == [("Hothan/OlympiadBench", "OE_TO_maths_en_COMP", {"split": "train"})]
+    assert [p.ground_truth for p in olympiad.prompts] == ["2", "4"]
+
+
+
 def test_prompts_that_are_not_text_are_skipped_and_counted(tmp_path):
     source = write_jsonl(tmp_path / "prompts.jsonl", [
         {"problem": 5, "answer": "1"}, {"prompt": [{"role": "user", "content": ["image"]}], "answer": "1"},
