@@ -113,6 +113,27 @@ def test_eval_set_overrides_name_existing_items():
         load_config(["eval.sets.0.limitt=8"])
 
 
+@pytest.mark.parametrize("name", ["qwen7b", "qwen1.5b", "r1distill1.5b"])
+def test_paper_configs_evaluate_on_the_authors_six_sets(name):
+    cfg = load_config([f"conf={name}"])   # hub names only: nothing to find on disk
+    assert [s.name for s in cfg.eval.sets] == ["math500", "amc", "aime2024", "gaokao2023en", "minerva",
+                                               "olympiadbench"]
+    olympiad = cfg.eval.sets[-1]
+    assert (olympiad.path, olympiad.subset, olympiad.split) == ("Hothan/OlympiadBench", "OE_TO_maths_en_COMP", "train")
+    assert (olympiad.prompt_key, olympiad.answer_key) == ("question", "final_answer")
+    assert (olympiad.avg_k, olympiad.top_p) == (4, 0.7)
+    assert cfg.eval.sets[0].subset is None and cfg.eval.sets[0].answer_key is None   # the automatic lookup
+
+
+def test_bad_key_in_an_olympiad_eval_set_is_one_line():
+    with pytest.raises(ConfigError) as e:
+        load_config(["conf=qwen7b", "eval.sets.5.subsett=x"])
+    assert str(e.value) == "eval.sets.5.subsett: unknown key (did you mean eval.sets.5.subset?)"
+    with pytest.raises(ConfigError) as e:
+        load_config([sets("{name: a, path: tiny, answer_keys: final_answer}")])
+    assert "eval.sets: answer_keys: unknown key" in str(e.value) and "\n" not in str(e.value)
+
+
 def test_tiny_eval_set_needs_the_tiny_world():
     with pytest.raises(ConfigError, match="eval.sets.0.path: tiny .* needs model.path=tiny"):
         load_config(["model.path=Qwen/Qwen2.5-Math-1.5B", "data.train=some/hub-set", "reward.kind=math"])
@@ -129,3 +150,6 @@ def test_cli_cfg_prints_merged_config():
     out = subprocess.run([sys.executable, "run.py", "trainer.total_steps=7", "--cfg"], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "total_steps: 7" in out.stdout
+    out = subprocess.run([sys.executable, "run.py", "conf=qwen7b", "--cfg"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "subset: OE_TO_maths_en_COMP" in out.stdout
