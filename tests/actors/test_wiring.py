@@ -154,3 +154,52 @@ def test_synchronous_mode_never_trains_on_old_versions(random_world, pipeline):
     snap = ray.get(sel.settle.remote(2, [g.group.ticket for g in second.groups], []))
     ledger = {k: v for k, v in snap.items() if k.startswith("ledger/")}
     assert ledger["ledger/issued"] == sum(v for k, v in ledger.items() if k != "ledger/issued")
+
+
+def test_rewarder_consumes_in_arrival_order_and_raises_what_its_reader_hit(random_world):
+    """Grading runs in a pool and a reader thread feeds it: a request graded after a later one
+    still reaches its batch first, and an error in the reader ends run() instead of a silent hang."""
+    import threading
+
+    from tests.actors.test_actor_logic import ListQueue, Rollouts, roll
+
+    cfg = tiny_cfg("selector.name=none", "reward.num_threads=2")
+    sel = PromptSelector(cfg, random_world.train, ListQueue())
+    sel.pump()
+    first, second = sel.prompt_q[:2]
+    rollout_q, train_q = Queue(16, actor_options=FREE), Queue(8, actor_options=FREE)
+    rew = Rewarder(cfg, selector=sel, rollout_q=rollout_q, train_q=train_q)
+    second_graded, grade = threading.Event(), rew.grade
+
+    def grade_first_last(groups):
+        if groups[0].ticket == first.tickets[0]:
+            assert second_graded.wait(30), "the second request was never graded"
+        out = grade(groups)
+        if groups[0].ticket == second.tickets[0]:
+            second_graded.set()
+        return out
+
+    rew.grade = grade_first_last
+    failure = []
+    loop = threading.Thread(target=lambda: failure.append(_raised(rew.run)), daemon=True)
+    loop.start()
+    try:
+        for req in (first, second):
+            rollout_q.put([ray.put(Rollouts(roll(req, 0, lambda i: [True, False, True, False])))])
+        batches = [ray.get(train_q.get(timeout=60)[0]) for _ in range(2)]
+        assert [[g.group.ticket for g in b.groups] for b in batches] == [list(first.tickets), list(second.tickets)]
+        rollout_q.put(["not an object ref"])
+        loop.join(30)
+        assert not loop.is_alive() and failure and failure[0] is not None
+    finally:
+        rew.stop()
+        for q in (rollout_q, train_q):
+            ray.kill(q.actor)
+
+
+def _raised(fn):
+    try:
+        fn()
+    except Exception as e:   # noqa: BLE001  (the test inspects it)
+        return e
+    return None
