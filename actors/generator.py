@@ -131,10 +131,7 @@ class Generator:
                 return self.prompt_q.get(timeout=0.5)
             except Empty:
                 return None
-        req = ray.get(self.selector.take.remote(self.index))
-        if req is None:
-            time.sleep(0.02)
-        return req
+        return ray.get(self.selector.take.remote(self.index, 0.1))
 
     def _holding(self, tickets) -> None:
         if self.selector is not None:

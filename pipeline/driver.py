@@ -211,7 +211,9 @@ class Pipeline:
         self.train_q = Queue(pl.train_queue_size, actor_options=free)
         self.metrics_q = Queue(actor_options=free)
         self.store = ray.remote(WeightStore).options(**free).remote(version)
-        self.selector = ray.remote(PromptSelector).options(num_cpus=cfg.selector.num_cpus, max_concurrency=4).remote(
+        # a thread for each generator's waiting take(), and four for the loop, reports and settles
+        self.selector = ray.remote(PromptSelector).options(
+            num_cpus=cfg.selector.num_cpus, max_concurrency=4 + cfg.rollout.num_generators).remote(
             cfg, world.train, self.prompt_q)
         # max_restarts=-1: Ray restarts a dead generator (it reloads the newest weights from the
         # store); our DeathBudget decides when one has died too often

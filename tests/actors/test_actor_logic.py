@@ -145,3 +145,35 @@ def test_learner_step_trains_and_drops_stale(random_world):
     assert metrics["train/dropped_stale"] == 1 and metrics["train/effective_groups"] == 2
     assert metrics["staleness/max"] == 0 and metrics["train/grad_norm"] > 0
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+class TakeQueue(ListQueue):
+    """The prompt queue as the selector's take() reads it."""
+
+    def get_nowait(self):
+        from queue import Empty
+        if not self:
+            raise Empty
+        return self.pop(0)
+
+    def get(self, timeout=None):
+        return self.get_nowait()
+
+
+def test_take_reissues_what_a_dead_incarnation_of_the_taker_still_held(random_world):
+    """A generator asks again only after it let go of its last request; if its slot still holds
+    tickets, the asker is a restarted generator whose predecessor died holding them (its take
+    returned after it was counted lost), so they are issued again rather than lost forever."""
+    cfg = tiny_cfg("selector.name=none")
+    sel = PromptSelector(cfg, random_world.train, TakeQueue())
+    sel.pump()
+    held = sel.take(0, wait_s=0.1)
+    assert sel.held[0] == held.tickets
+    again = sel.take(0, wait_s=0.1)           # no holding(()) in between: the first taker died
+    m = sel.ledger.metrics()
+    assert again.tickets != held.tickets and sel.held[0] == again.tickets
+    assert m["ledger/reissued"] == len(held.tickets)
+    assert sorted(i for i, _ in sel.reissue) == sorted(sel.uids.index(p.uid) for p in held.prompts)
+    sel.holding(0, ())
+    sel.take(0)                               # a clean hand-back reissues nothing
+    assert sel.ledger.metrics()["ledger/reissued"] == len(held.tickets)
