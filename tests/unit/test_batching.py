@@ -144,12 +144,36 @@ def test_streaming_size_issues_what_is_missing_in_request_units():
     assert streaming_size(32, 1.0, in_rollout=0, **kw) == 32            # certain yield: exactly the need
     assert streaming_size(8, 0.5, in_rollout=0, **kw) == 16             # margin below one request: the need itself
     assert streaming_size(3, 0.5, in_rollout=20, urgent=True, **kw) == 0  # small need: wait for results in flight
-    assert streaming_size(3, 0.5, in_rollout=0, urgent=True, **kw) == 6   # the learner's next batch: exactly
+    assert streaming_size(3, 0.5, in_rollout=0, urgent=True, **kw) == 4   # the learner's next batch: below the need
+    assert streaming_size(1, 0.5, in_rollout=0, urgent=True, **kw) == 1   # ... yet always one prompt at least
     assert streaming_size(3, 0.5, in_rollout=0, **kw) == 0              # a later batch: ride the next full request
     assert streaming_size(3, 0.5, in_rollout=0, ending=True, **kw) == 6  # the run's last batch: exactly
     assert streaming_size(32, 0.0, in_rollout=150, **kw) == 50          # zvr 1: bounded by what may be in flight
     assert streaming_size(32, 0.5, in_rollout=200, **kw) == 0
     assert streaming_size(0, 0.5, in_rollout=0, **kw) == 0
+
+
+def test_streaming_top_ups_rarely_overshoot_and_always_progress():
+    """A top-up's surplus is generated at the newest version and still expires: it aims below the
+    need, so a second small top-up follows more often and the expected surplus stays a fraction
+    of a group (asking for need / yield exactly gave up to 0.9 surplus groups per top-up)."""
+    from math import ceil, comb
+
+    from pipeline.batching import streaming_size
+
+    def surplus(n, y, missing):   # E[max(0, Binomial(n, y) - missing)]
+        return sum(comb(n, k) * y ** k * (1 - y) ** (n - k) * max(0, k - missing) for k in range(n + 1))
+
+    exact = []
+    for missing in range(1, 16):
+        for y in (0.3, 0.5, 0.7, 0.9, 0.95):
+            n = streaming_size(missing, y, request_size=16, in_rollout=0, max_in_flight=500, urgent=True)
+            if n >= 16:
+                continue   # a full request: the first-issue rule, not a top-up
+            assert 1 <= n <= ceil(missing / y)
+            assert surplus(n, y, missing) < 0.3, (missing, y, n)
+            exact.append(surplus(ceil(missing / y - 1e-9), y, missing))
+    assert max(exact) > 0.6      # what the margin saves
 
 
 def test_request_sizes_never_below_request_size():
