@@ -8,7 +8,6 @@ the staleness rule live in pipeline.batching.Accumulator.
 from __future__ import annotations
 
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from queue import Empty, Full, Queue
 
